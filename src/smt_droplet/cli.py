@@ -1,0 +1,138 @@
+"""``smt-droplet`` — the command line the systemd units, the operator and the tests use.
+
+Exit codes (systemd shows anything but 0 as a failed run):
+
+* 0 — everything done or deliberately skipped;
+* 1 — something is left to retry (a POST or the SFTP sync failed; the timer will try again);
+* 2 — configuration error (missing/malformed setting, unreadable key, 401/503 from the web app).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from . import __version__
+from .config import ConfigError
+from .envfile import EnvFileError, load_environment
+
+EXIT_OK = 0
+EXIT_RETRY = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("smt_droplet")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One line per event; journald adds its own timestamps, a terminal gets ours."""
+    under_journal = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
+    fmt = "%(levelname)s %(message)s" if under_journal else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=fmt,
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Library chatter (paramiko's transport thread, aiohttp's access log) stays out of INFO.
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
+
+
+def _cmd_ingest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .ingest import run_ingest_command
+
+    return run_ingest_command(env, args)
+
+
+def _cmd_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .ingest import run_sync_command
+
+    return run_sync_command(env, args)
+
+
+def _cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .ingest import run_status_command
+
+    return run_status_command(env, args)
+
+
+def _cmd_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .ingest import run_forget_command
+
+    return run_forget_command(env, args)
+
+
+def _cmd_post(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .ingest import run_post_command
+
+    return run_post_command(env, args)
+
+
+def _cmd_webhook(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .webhook import serve
+
+    return serve(env)
+
+
+def _cmd_upload(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .upload import serve
+
+    return serve(env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smt-droplet",
+        description="Smart Meter Texas ingest droplet for IntelliWatt.",
+        epilog="Settings come from the environment; --env-file PATH (e.g. "
+        "/etc/default/intelliwatt-smt) is read on top of it, like systemd's EnvironmentFile=.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", metavar="PATH", help="read settings from this env file")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("ingest", _cmd_ingest, "one pass: sync from SFTP, then post every unposted file")
+    p.add_argument("--no-sync", action="store_true", help="skip the SFTP sync; post what is local")
+    p.add_argument(
+        "--no-spool", action="store_true", help="do not consume queued webhook/upload requests"
+    )
+    add("sync", _cmd_sync, "mirror new files from SFTP into the inbox; post nothing")
+    p = add("status", _cmd_status, "per-file state: posted, rejected, too large, pending")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("forget", _cmd_forget, "drop a file from the ledger so the next pass re-posts it")
+    p.add_argument("target", metavar="PATH|SHA256", help="an inbox file or its sha256")
+    p = add("post", _cmd_post, "post one file now (ledger updated, lock held)")
+    p.add_argument("path", help="the CSV to post")
+    p.add_argument("--esiid", help="ESIID to attribute the file to (17 digits)")
+    p.add_argument("--meter", help="meter id, e.g. M1")
+    p.add_argument("--force", action="store_true", help="post even if the ledger has it")
+    add("webhook-server", _cmd_webhook, "serve POST /trigger/smt-now (queues an ingest)")
+    add("upload-server", _cmd_upload, "serve POST /upload (stores a CSV, queues an ingest)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        env = load_environment(args.env_file)
+        return int(args.handler(args, env))
+    except (ConfigError, EnvFileError) as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

@@ -1,0 +1,186 @@
+"""Typed settings built from the droplet's environment names.
+
+Every command reads its settings through one of the ``*_settings`` functions below, from a plain
+mapping (the process environment merged with the env file, see :mod:`smt_droplet.envfile`). A
+missing or malformed value raises :class:`ConfigError` naming the variable, before any network
+traffic; the CLI turns that into one log line and exit code 2.
+
+Names are the seed deployment's (``ADMIN_TOKEN``, ``SMT_HOST``, ...) plus our own ``SMT_*``
+additions. The Ansible modules take the same names in lower case and build the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_INCLUDE = ("*.csv", "*.csv.*", "*DailyMeterUsage*.asc", "*IntervalMeterUsage*.asc")
+DEFAULT_SPOOL_DIR = "/var/spool/smt-ingest"
+LEDGER_BASENAME = ".posted_sha256"
+ENCODINGS = ("base64+gzip", "base64")
+HOST_KEY_POLICIES = ("reject", "accept-new")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def _require(env: Mapping[str, str], name: str) -> str:
+    value = _get(env, name)
+    if value is None:
+        raise ConfigError(f"{name} is not set")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = _get(env, name, choices[0])
+    assert value is not None
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def split_globs(raw: str | None) -> tuple[str, ...]:
+    """``SMT_INCLUDE`` is a comma- or whitespace-separated list of globs."""
+    if not raw:
+        return DEFAULT_INCLUDE
+    parts = [p for chunk in raw.split(",") for p in chunk.split()]
+    return tuple(p for p in parts if p) or DEFAULT_INCLUDE
+
+
+def _readable_file(name: str, path: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name}={path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}={path}: not readable by uid {os.getuid()}")
+    return path
+
+
+@dataclass(frozen=True)
+class SftpSettings:
+    """Where and how to mirror SMT's SFTP drop (``smt_sftp_sync``)."""
+
+    host: str
+    user: str
+    key: str
+    remote_dir: str
+    local_dir: Path
+    port: int = 22
+    known_hosts: str | None = None
+    host_key_policy: str = "reject"
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    min_age: float = 0.0
+    connect_timeout: float = 20.0
+    retries: int = 3
+    max_depth: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SftpSettings:
+        local_dir = Path(_require(env, "SMT_LOCAL_DIR"))
+        key = _readable_file("SMT_KEY", _require(env, "SMT_KEY"))
+        policy = _choice(env, "SMT_HOST_KEY_POLICY", HOST_KEY_POLICIES)
+        known_hosts = _get(env, "SMT_KNOWN_HOSTS")
+        if known_hosts is None and policy == "reject":
+            raise ConfigError(
+                "SMT_KNOWN_HOSTS is not set and SMT_HOST_KEY_POLICY=reject: pin SMT's host key "
+                "(ssh-keyscan -p PORT HOST > known_hosts, check the fingerprint with SMT) "
+                "or set SMT_HOST_KEY_POLICY=accept-new deliberately"
+            )
+        return cls(
+            host=_require(env, "SMT_HOST"),
+            user=_require(env, "SMT_USER"),
+            key=key,
+            remote_dir=_require(env, "SMT_REMOTE_DIR"),
+            local_dir=local_dir,
+            port=_int(env, "SMT_PORT", 22, minimum=1),
+            known_hosts=known_hosts,
+            host_key_policy=policy,
+            include=split_globs(_get(env, "SMT_INCLUDE")),
+            min_age=_float(env, "SMT_MIN_AGE", 0.0),
+            connect_timeout=_float(env, "SMT_CONNECT_TIMEOUT", 20.0, minimum=1.0),
+            retries=_int(env, "SMT_SFTP_RETRIES", 3),
+        )
+
+
+@dataclass(frozen=True)
+class PostSettings:
+    """How to post inbox files to the web app (``smt_inline_post``)."""
+
+    base_url: str
+    admin_token: str = field(repr=False)
+    local_dir: Path
+    state_file: Path
+    source: str = "adhocusage"
+    esiid_default: str | None = None
+    meter_default: str = "M1"
+    encoding: str = "base64+gzip"
+    max_body_bytes: int = 4_500_000
+    http_timeout: float = 60.0
+    retries: int = 3
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url.rstrip("/") + "/api/admin/smt/pull"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PostSettings:
+        base_url = _require(env, "INTELLIWATT_BASE_URL")
+        if not base_url.startswith(("https://", "http://")):
+            raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
+        local_dir = Path(_require(env, "SMT_LOCAL_DIR"))
+        state_file = Path(_get(env, "STATE_FILE") or local_dir / LEDGER_BASENAME)
+        return cls(
+            base_url=base_url,
+            admin_token=_require(env, "ADMIN_TOKEN"),
+            local_dir=local_dir,
+            state_file=state_file,
+            source=_get(env, "SOURCE_TAG", "adhocusage") or "adhocusage",
+            esiid_default=_get(env, "ESIID_DEFAULT"),
+            meter_default=_get(env, "METER_DEFAULT", "M1") or "M1",
+            encoding=_choice(env, "SMT_ENCODING", ENCODINGS),
+            max_body_bytes=_int(env, "SMT_MAX_BODY_BYTES", 4_500_000, minimum=1024),
+            http_timeout=_float(env, "SMT_HTTP_TIMEOUT", 60.0, minimum=1.0),
+            retries=_int(env, "SMT_POST_RETRIES", 3),
+            include=split_globs(_get(env, "SMT_INCLUDE")),
+        )
+
+
+def spool_dir(env: Mapping[str, str]) -> Path:
+    """The queue the webhook and the upload server write and the ingest pass consumes."""
+    return Path(_get(env, "SMT_SPOOL_DIR", DEFAULT_SPOOL_DIR) or DEFAULT_SPOOL_DIR)

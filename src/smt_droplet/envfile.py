@@ -1,0 +1,89 @@
+"""Read the droplet's environment file the way systemd's ``EnvironmentFile=`` does.
+
+Rules (systemd.exec(5)): one ``KEY=value`` per line; blank lines and lines starting with ``#`` or
+``;`` are ignored; leading whitespace and whitespace around the key are dropped; a value may be
+wrapped in single quotes (taken literally) or double quotes (``\\"``, ``\\\\``, ``\\$`` and
+``\\``` escapes); a trailing backslash joins the next line. No shell runs, nothing is expanded.
+CRLF line endings are tolerated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class EnvFileError(ValueError):
+    """The environment file cannot be read or has a line that is not ``KEY=value``."""
+
+
+def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
+    """Parse the text of an environment file into a dict (later keys win)."""
+    result: dict[str, str] = {}
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    i = 0
+    while i < len(lines):
+        lineno = i + 1
+        line = lines[i]
+        i += 1
+        # A trailing backslash continues the line (outside single quotes, as systemd does).
+        while line.endswith("\\") and not line.endswith("\\\\") and i < len(lines):
+            line = line[:-1] + lines[i]
+            i += 1
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise EnvFileError(f"{source}:{lineno}: expected KEY=value, got {stripped[:40]!r}")
+        result[key] = _unquote(value.strip(), f"{source}:{lineno}")
+    return result
+
+
+def _unquote(value: str, where: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        return value[1:-1]
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        out: list[str] = []
+        body = value[1:-1]
+        j = 0
+        while j < len(body):
+            ch = body[j]
+            if ch == "\\" and j + 1 < len(body) and body[j + 1] in '"\\$`':
+                out.append(body[j + 1])
+                j += 2
+                continue
+            out.append(ch)
+            j += 1
+        return "".join(out)
+    if value[:1] in "'\"":
+        raise EnvFileError(f"{where}: unterminated quote")
+    return value
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read and parse an environment file; errors name the file and the cause."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise EnvFileError(f"cannot read environment file {os.fspath(path)}: {exc.strerror}") from exc
+    return parse_env_text(text, os.fspath(path))
+
+
+def load_environment(
+    env_file: str | os.PathLike[str] | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The settings a command runs with: the process environment, then the env file on top.
+
+    The file wins, as with systemd, where ``EnvironmentFile=`` overrides ``Environment=``.
+    """
+    merged = dict(os.environ if base is None else base)
+    if env_file is not None:
+        merged.update(read_env_file(env_file))
+    return merged
