@@ -108,6 +108,9 @@ class SftpSettings:
     connect_timeout: float = 20.0
     retries: int = 3
     max_depth: int = 2
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 30.0
+    parallel: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SftpSettings:
@@ -134,6 +137,9 @@ class SftpSettings:
             min_age=_float(env, "SMT_MIN_AGE", 0.0),
             connect_timeout=_float(env, "SMT_CONNECT_TIMEOUT", 20.0, minimum=1.0),
             retries=_int(env, "SMT_SFTP_RETRIES", 3),
+            retry_base_delay=_float(env, "SMT_RETRY_BASE_DELAY", 1.0),
+            retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
+            parallel=_int(env, "SMT_SFTP_PARALLEL", 4, minimum=1),
         )
 
 
@@ -153,6 +159,10 @@ class PostSettings:
     http_timeout: float = 60.0
     retries: int = 3
     include: tuple[str, ...] = DEFAULT_INCLUDE
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 30.0
+    retry_after_max: float = 60.0
+    lock_wait: float = 300.0
 
     @property
     def endpoint(self) -> str:
@@ -178,6 +188,10 @@ class PostSettings:
             http_timeout=_float(env, "SMT_HTTP_TIMEOUT", 60.0, minimum=1.0),
             retries=_int(env, "SMT_POST_RETRIES", 3),
             include=split_globs(_get(env, "SMT_INCLUDE")),
+            retry_base_delay=_float(env, "SMT_RETRY_BASE_DELAY", 1.0),
+            retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
+            retry_after_max=_float(env, "SMT_RETRY_AFTER_MAX", 60.0),
+            lock_wait=_float(env, "SMT_LOCK_WAIT", 300.0),
         )
 
 
