@@ -1,0 +1,289 @@
+"""The ledger: which files the web app has accepted, plus per-file state beside it.
+
+Two files, two jobs:
+
+``STATE_FILE`` (default ``<inbox>/.posted_sha256``)
+    The old droplets' format, kept byte-compatible: one lowercase hex SHA256 per line. It is the
+    only record of "accepted". A digest is appended (``O_APPEND``, one ``write``, then ``fsync``)
+    only *after* the web app answered 200 ``ok: true``. So a SIGKILL at any instant can neither
+    lose a recorded post (it is on disk before the next file is touched) nor record a file that
+    was not accepted (nothing is written before the 200). A kill between the 200 and the append
+    means the next pass posts the file again, and the app answers ``duplicate: true`` — harmless.
+    Readers ignore blank, CRLF-terminated, upper-case and garbage lines; a writer that finds a
+    torn last line (no trailing newline) starts a fresh line first. ``forget`` rewrites the file
+    atomically (temp file beside it, fsync, rename, same mode and owner).
+
+``<STATE_FILE>.json`` (the sidecar)
+    Advisory, richer state, written atomically with :func:`smt_droplet.spool.write_json_atomic`:
+    ``hashes`` — the (relative path, size, mtime_ns) → sha256 cache that keeps an idle pass from
+    re-reading every file; ``outcomes`` — per sha256 the last non-retryable outcome
+    (``rejected`` with the app's error code, ``too-large`` with both sizes) so it is not retried
+    until the file changes or an operator runs ``forget``; ``posted`` — the app's ``id`` and when.
+    Losing the sidecar costs a re-hash and, at worst, one more rejected POST; never a double
+    ledger entry or a lost one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spool import write_json_atomic
+
+_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
+SIDECAR_SUFFIX = ".json"
+SIDECAR_VERSION = 1
+
+
+class LedgerError(OSError):
+    """The ledger or its sidecar cannot be read or written; the message names the file."""
+
+
+def is_digest(value: str) -> bool:
+    """True for a 64-character hex SHA256 (either case)."""
+    return bool(_DIGEST.match(value.strip().lower()))
+
+
+def read_posted_digests(state_file: Path) -> set[str]:
+    """Every digest recorded in ``state_file`` (lowercase hex); a missing file is an empty set.
+
+    Tolerates CRLF, blank lines, surrounding whitespace, upper-case hex and garbage lines (those
+    are skipped), so a hand-edited or torn file still reads.
+    """
+    try:
+        data = Path(state_file).read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {state_file}: {exc.strerror or exc}") from exc
+    digests: set[str] = set()
+    for raw in data.splitlines():
+        line = raw.decode("ascii", "replace").strip().lower()
+        if _DIGEST.match(line):
+            digests.add(line)
+    return digests
+
+
+def append_posted(state_file: Path, digest: str) -> None:
+    """Durably record one accepted digest: one ``write`` of ``digest\\n``, then ``fsync``."""
+    digest = digest.strip().lower()
+    if not _DIGEST.match(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    state_file = Path(state_file)
+    try:
+        fd = os.open(state_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660)
+    except OSError as exc:
+        raise LedgerError(f"cannot open ledger {state_file}: {exc.strerror or exc}") from exc
+    try:
+        line = digest + "\n"
+        size = os.fstat(fd).st_size
+        if size:
+            # A torn last line (killed mid-write by an older tool) must not swallow this digest.
+            with open(state_file, "rb") as reader:
+                reader.seek(size - 1)
+                if reader.read(1) not in (b"\n", b"\r"):
+                    line = "\n" + line
+        os.write(fd, line.encode("ascii"))
+        os.fsync(fd)
+    except OSError as exc:
+        raise LedgerError(f"cannot append to ledger {state_file}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def remove_digests(state_file: Path, digests: set[str]) -> int:
+    """Atomically rewrite ``state_file`` without ``digests``; returns how many lines went.
+
+    The caller holds the pass lock, so no append can slip in between read and rename. Mode and
+    owner of the old file are kept (``forget`` is often run as root on a file the service owns).
+    """
+    state_file = Path(state_file)
+    drop = {d.lower() for d in digests}
+    try:
+        st = state_file.stat()
+        lines = state_file.read_bytes().splitlines()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {state_file}: {exc.strerror or exc}") from exc
+    kept: list[bytes] = []
+    removed = 0
+    for raw in lines:
+        line = raw.decode("ascii", "replace").strip().lower()
+        if line in drop:
+            removed += 1
+            continue
+        if _DIGEST.match(line):
+            kept.append(line.encode("ascii"))
+    if removed == 0:
+        return 0
+    tmp = state_file.parent / f".{state_file.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, st.st_mode & 0o7777)
+        try:
+            os.write(fd, b"".join(line + b"\n" for line in kept))
+            os.fsync(fd)
+            with contextlib.suppress(OSError):
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, st.st_mode & 0o7777)
+        finally:
+            os.close(fd)
+        os.replace(tmp, state_file)
+        dfd = os.open(state_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise LedgerError(f"cannot rewrite ledger {state_file}: {exc.strerror or exc}") from exc
+    return removed
+
+
+@dataclass
+class Outcome:
+    """A non-retryable outcome remembered for one sha256 (``rejected`` or ``too-large``)."""
+
+    status: str
+    reason: str
+    path: str
+    at: float
+
+
+@dataclass
+class Ledger:
+    """The ledger file plus its sidecar, loaded once per pass.
+
+    ``posted`` mirrors ``STATE_FILE``; ``record_posted`` appends to the file first and only then
+    updates memory. The sidecar is saved by :meth:`save` (end of a pass, and at most every
+    ``save_interval`` seconds during one).
+    """
+
+    state_file: Path
+    posted: set[str] = field(default_factory=set)
+    hashes: dict[str, list[Any]] = field(default_factory=dict)
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    apps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    save_interval: float = 5.0
+    _dirty: bool = False
+    _last_save: float = 0.0
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(self.state_file)
+
+    @classmethod
+    def load(cls, state_file: Path) -> Ledger:
+        ledger = cls(state_file=Path(state_file))
+        ledger.posted = read_posted_digests(ledger.state_file)
+        raw = _read_sidecar(ledger.sidecar)
+        ledger.hashes = {
+            k: v
+            for k, v in raw.get("hashes", {}).items()
+            if isinstance(v, list) and len(v) == 3 and isinstance(v[2], str)
+        }
+        ledger.outcomes = {k: v for k, v in raw.get("outcomes", {}).items() if isinstance(v, dict)}
+        ledger.apps = {k: v for k, v in raw.get("posted", {}).items() if isinstance(v, dict)}
+        ledger._last_save = time.monotonic()
+        return ledger
+
+    # -- the hash cache -------------------------------------------------------------------
+    def cached_digest(self, rel: str, size: int, mtime_ns: int) -> str | None:
+        entry = self.hashes.get(rel)
+        if entry and entry[0] == size and entry[1] == mtime_ns:
+            return str(entry[2])
+        return None
+
+    def remember_digest(self, rel: str, size: int, mtime_ns: int, digest: str) -> None:
+        if self.hashes.get(rel) != [size, mtime_ns, digest]:
+            self.hashes[rel] = [size, mtime_ns, digest]
+            self._dirty = True
+
+    def prune_hashes(self, present: set[str]) -> None:
+        """Drop cache entries for files no longer in the inbox."""
+        gone = [rel for rel in self.hashes if rel not in present]
+        for rel in gone:
+            del self.hashes[rel]
+        self._dirty = self._dirty or bool(gone)
+
+    # -- outcomes ---------------------------------------------------------------------------
+    def is_posted(self, digest: str) -> bool:
+        return digest in self.posted
+
+    def record_posted(self, digest: str, rel: str, app_id: str | None, duplicate: bool) -> None:
+        """Append to ``STATE_FILE`` (durable), then note the app's id in the sidecar."""
+        append_posted(self.state_file, digest)
+        self.posted.add(digest)
+        self.outcomes.pop(digest, None)
+        self.apps[digest] = {"id": app_id, "path": rel, "duplicate": duplicate, "at": time.time()}
+        self._dirty = True
+
+    def record_outcome(self, digest: str, status: str, reason: str, rel: str) -> None:
+        self.outcomes[digest] = {"status": status, "reason": reason, "path": rel, "at": time.time()}
+        self._dirty = True
+
+    def outcome(self, digest: str) -> Outcome | None:
+        raw = self.outcomes.get(digest)
+        if not raw:
+            return None
+        return Outcome(
+            status=str(raw.get("status", "")),
+            reason=str(raw.get("reason", "")),
+            path=str(raw.get("path", "")),
+            at=float(raw.get("at", 0.0)),
+        )
+
+    def forget(self, digests: set[str]) -> int:
+        """Drop digests from the ledger (atomic rewrite) and their sidecar state."""
+        removed = remove_digests(self.state_file, digests)
+        for digest in digests:
+            self.posted.discard(digest)
+            self.outcomes.pop(digest, None)
+            self.apps.pop(digest, None)
+        self._dirty = True
+        return removed
+
+    # -- persistence --------------------------------------------------------------------------
+    def maybe_save(self) -> None:
+        if self._dirty and time.monotonic() - self._last_save >= self.save_interval:
+            self.save()
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        payload = {
+            "version": SIDECAR_VERSION,
+            "hashes": self.hashes,
+            "outcomes": self.outcomes,
+            "posted": self.apps,
+        }
+        try:
+            write_json_atomic(self.sidecar, payload)
+        except OSError as exc:
+            raise LedgerError(f"cannot write {self.sidecar}: {exc.strerror or exc}") from exc
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+
+def sidecar_path(state_file: Path) -> Path:
+    state_file = Path(state_file)
+    return state_file.with_name(state_file.name + SIDECAR_SUFFIX)
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        # Advisory state only: a corrupt sidecar means re-hashing, not failing the pass.
+        return {}
+    return raw if isinstance(raw, dict) else {}

@@ -1,0 +1,449 @@
+"""Mirror SMT's SFTP drop into the local inbox: :func:`mirror`, and nothing else downloads.
+
+* **Host key**: the server's key must match ``SMT_KNOWN_HOSTS`` (OpenSSH format, ``[host]:port``
+  for a non-22 port, hashed names work). Unknown or changed → :class:`HostKeyError`, whose message
+  says how to pin the key; the ingest pass then stops and posts nothing (exit 2). With
+  ``SMT_HOST_KEY_POLICY=accept-new`` (never the default) an *unknown* host's key is recorded in
+  the known-hosts file and used; a *changed* key is always refused.
+* **Auth**: public key only (``SMT_KEY``: ed25519, ECDSA or RSA, unencrypted).
+* **What**: files in ``SMT_REMOTE_DIR`` and its sub-directories down to ``max_depth`` (2: the
+  directory itself and one level below; sub-directories become local sub-directories), whose
+  base name matches one of ``SMT_INCLUDE`` (case-insensitive globs).
+* **When**: a file already local with the same size and mtime is left alone; a file younger than
+  ``SMT_MIN_AGE`` seconds is skipped (SMT may still be writing it); a file whose size or mtime
+  changes while it is read is discarded and retried next pass.
+* **How**: into ``.<name>.<random>.partial`` in the destination directory (dot files are never
+  posted), fsync, set the remote mtime, rename — an interrupted download never looks like a
+  file. paramiko with read-ahead (``prefetch``), a 64 MiB SSH window and ``SMT_SFTP_PARALLEL``
+  (default 4) files in flight on separate SFTP channels of one connection.
+* **Failures**: connecting is retried ``SMT_SFTP_RETRIES`` times with exponential backoff
+  (``SMT_RETRY_BASE_DELAY`` * 2**n, capped at ``SMT_RETRY_MAX_DELAY``); then :class:`MirrorResult`
+  carries the error and the pass goes on with what is local (exit 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import queue
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from .config import ConfigError, SftpSettings
+from .inbox import matches
+
+log = logging.getLogger("smt_droplet.sftp")
+
+WINDOW_SIZE = 64 * 1024 * 1024
+MAX_PACKET = 32768
+READ_CHUNK = 1024 * 1024
+
+DOWNLOADED = "downloaded"
+UNCHANGED = "unchanged"
+WOULD_DOWNLOAD = "would-download"
+SKIPPED_YOUNG = "skipped-young"
+SKIPPED_GROWING = "skipped-growing"
+FAILED = "failed"
+
+
+class HostKeyError(Exception):
+    """The server's host key is unknown or changed; the message says how to pin it."""
+
+
+class SyncError(Exception):
+    """The SFTP server could not be reached, authenticated against or listed."""
+
+
+@dataclass
+class MirroredFile:
+    """One remote file and what the mirror did with it."""
+
+    rel: str
+    remote: str
+    local: Path
+    size: int
+    mtime: int
+    status: str
+    reason: str = ""
+
+
+@dataclass
+class MirrorResult:
+    """Per-file results, and ``error`` if the sync as a whole failed."""
+
+    files: list[MirroredFile] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def downloaded(self) -> list[MirroredFile]:
+        return [f for f in self.files if f.status == DOWNLOADED]
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or any(f.status == FAILED for f in self.files)
+
+    def count(self, status: str) -> int:
+        return sum(1 for f in self.files if f.status == status)
+
+
+# -- names and patterns ---------------------------------------------------------------------
+
+
+def _safe_component(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+# -- host keys ------------------------------------------------------------------------------
+
+
+def host_id(host: str, port: int) -> str:
+    """The known_hosts name OpenSSH uses: ``host`` on 22, ``[host]:port`` otherwise."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _load_known_hosts(path: str | None) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    if path and os.path.exists(path):
+        try:
+            keys.load(path)
+        except (OSError, paramiko.SSHException) as exc:
+            raise HostKeyError(f"cannot read SMT_KNOWN_HOSTS={path}: {exc}") from exc
+    return keys
+
+
+def _pin_hint(settings: SftpSettings) -> str:
+    target = settings.known_hosts or "/etc/ssh/smt_known_hosts"
+    return (
+        f"pin it: ssh-keyscan -p {settings.port} {settings.host} >> {target} "
+        "(compare the fingerprint with the one SMT publishes) and set SMT_KNOWN_HOSTS"
+    )
+
+
+def verify_host_key(settings: SftpSettings, key: paramiko.PKey) -> None:
+    """Accept the server key only if pinned (or, with accept-new, if the host is new)."""
+    name = host_id(settings.host, settings.port)
+    known = _load_known_hosts(settings.known_hosts)
+    entry = known.lookup(name)
+    if entry:
+        pinned = entry.get(key.get_name())
+        if pinned is not None and pinned.asbytes() == key.asbytes():
+            return
+        raise HostKeyError(
+            f"host key for {name} CHANGED: server offers {key.get_name()} {fingerprint(key)}, "
+            f"which is not the key pinned in {settings.known_hosts}; refusing to connect. "
+            f"If SMT really rotated its key, verify the new fingerprint with SMT, remove the old "
+            f"line (ssh-keygen -R '{name}' -f {settings.known_hosts}) and {_pin_hint(settings)}"
+        )
+    if settings.host_key_policy != "accept-new" or not settings.known_hosts:
+        raise HostKeyError(
+            f"host key for {name} is unknown ({key.get_name()} {fingerprint(key)}); "
+            f"refusing to connect. {_pin_hint(settings)}"
+        )
+    line = f"{name} {key.get_name()} {key.get_base64()}\n"
+    fd = os.open(settings.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.warning(
+        "accept-new: recorded host key for %s (%s %s) in %s",
+        name,
+        key.get_name(),
+        fingerprint(key),
+        settings.known_hosts,
+    )
+
+
+def _prefer_pinned_key_types(transport: paramiko.Transport, settings: SftpSettings) -> None:
+    """Ask the server for a key type we have pinned (else it may offer another one)."""
+    entry = _load_known_hosts(settings.known_hosts).lookup(host_id(settings.host, settings.port))
+    if not entry:
+        return
+    wanted: list[str] = []
+    for keytype in entry.keys():
+        if keytype == "ssh-rsa":
+            wanted += ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+        else:
+            wanted.append(keytype)
+    options = transport.get_security_options()
+    usable = tuple(t for t in options.key_types if t in wanted)
+    if usable:
+        options.key_types = usable
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+
+def load_private_key(path: str) -> paramiko.PKey:
+    """Load ``SMT_KEY``; any problem is a :class:`ConfigError` (exit 2, before the network)."""
+    classes = [
+        getattr(paramiko, name)
+        for name in ("Ed25519Key", "ECDSAKey", "RSAKey")
+        if hasattr(paramiko, name)
+    ]
+    last: Exception | None = None
+    for cls in classes:
+        try:
+            return cls.from_private_key_file(path)
+        except paramiko.PasswordRequiredException:
+            msg = f"SMT_KEY={path} is passphrase-protected; use an unencrypted key"
+            raise ConfigError(msg) from None
+        except (paramiko.SSHException, ValueError) as exc:
+            last = exc
+        except OSError as exc:
+            raise ConfigError(f"SMT_KEY={path}: {exc.strerror or exc}") from exc
+    raise ConfigError(f"SMT_KEY={path} is not a usable private key ({last})")
+
+
+# -- connection -----------------------------------------------------------------------------
+
+
+def connect(settings: SftpSettings, pkey: paramiko.PKey) -> paramiko.Transport:
+    """One authenticated SSH transport with a pinned host key."""
+    try:
+        sock = socket.create_connection(
+            (settings.host, settings.port), timeout=settings.connect_timeout
+        )
+    except OSError as exc:
+        raise SyncError(
+            f"cannot connect to {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from exc
+    transport = paramiko.Transport(
+        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET
+    )
+    try:
+        _prefer_pinned_key_types(transport, settings)
+        transport.start_client(timeout=settings.connect_timeout)
+        verify_host_key(settings, transport.get_remote_server_key())
+        transport.auth_publickey(settings.user, pkey)
+    except HostKeyError:
+        transport.close()
+        raise
+    except paramiko.AuthenticationException as exc:
+        transport.close()
+        raise SyncError(f"authentication as {settings.user} failed: {exc}") from exc
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        transport.close()
+        raise SyncError(f"SSH handshake with {settings.host}:{settings.port}: {exc}") from exc
+    return transport
+
+
+def _backoff(settings: SftpSettings, attempt: int) -> float:
+    return float(min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (attempt - 1)))
+
+
+def _walk_remote(
+    sftp: paramiko.SFTPClient, root: str, include: tuple[str, ...], max_depth: int
+) -> Iterator[tuple[str, paramiko.SFTPAttributes]]:
+    """Yield (relative path, attributes) of matching regular files, depth-limited."""
+    pending: list[tuple[str, int]] = [("", 1)]
+    while pending:
+        rel_dir, depth = pending.pop(0)
+        remote_dir = posixpath.join(root, rel_dir) if rel_dir else root
+        for attr in sorted(sftp.listdir_attr(remote_dir), key=lambda a: a.filename):
+            name = attr.filename
+            if not _safe_component(name) or attr.st_mode is None:
+                continue
+            rel = posixpath.join(rel_dir, name) if rel_dir else name
+            if stat.S_ISDIR(attr.st_mode):
+                if depth < max_depth and not name.startswith("."):
+                    pending.append((rel, depth + 1))
+            elif stat.S_ISREG(attr.st_mode) and matches(name, include):
+                yield rel, attr
+
+
+def _remove_stale_partials(local_dir: Path, max_depth: int) -> None:
+    """Leftovers of a killed download (we hold the pass lock, so none is in progress)."""
+    dirs = [(local_dir, 1)]
+    while dirs:
+        directory, depth = dirs.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".partial"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            elif depth < max_depth and entry.is_dir(follow_symlinks=False):
+                dirs.append((Path(entry.path), depth + 1))
+
+
+def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
+    """Fetch one file into a temp name, check it did not change meanwhile, rename it."""
+    item.local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = item.local.parent / f".{item.local.name}.{uuid.uuid4().hex[:8]}.partial"
+    received = 0
+    try:
+        with sftp.open(item.remote, "rb") as remote, open(tmp, "wb") as out:
+            if item.size:
+                remote.prefetch(item.size)
+            while True:
+                chunk = remote.read(READ_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+            after = remote.stat()
+            out.flush()
+            os.fsync(out.fileno())
+        if received != item.size or after.st_size != item.size or after.st_mtime != item.mtime:
+            os.unlink(tmp)
+            item.status = SKIPPED_GROWING
+            item.reason = f"changed while reading (listed {item.size} bytes, read {received})"
+            return item
+        os.utime(tmp, (item.mtime, item.mtime))
+        os.replace(tmp, item.local)
+        item.status = DOWNLOADED
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        item.status = FAILED
+        item.reason = str(exc) or type(exc).__name__
+    return item
+
+
+def mirror(
+    settings: SftpSettings,
+    *,
+    dry_run: bool = False,
+    pkey: paramiko.PKey | None = None,
+    now: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> MirrorResult:
+    """Mirror the remote drop into ``settings.local_dir``; see the module docstring.
+
+    Raises :class:`HostKeyError` (the pass must stop) and :class:`ConfigError` (bad key); any
+    other failure is in the result's ``error`` / per-file ``status``.
+    """
+    if pkey is None:
+        pkey = load_private_key(settings.key)
+    result = MirrorResult()
+    transport: paramiko.Transport | None = None
+    listing: list[tuple[str, paramiko.SFTPAttributes]] = []
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            transport = connect(settings, pkey)
+            lister = paramiko.SFTPClient.from_transport(transport)
+            if lister is None:
+                raise SyncError("the server refused the sftp subsystem")
+            try:
+                listing = list(
+                    _walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth)
+                )
+            finally:
+                lister.close()
+            break
+        except (SyncError, OSError, paramiko.SSHException, EOFError) as exc:
+            if transport is not None:
+                transport.close()
+                transport = None
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, IOError) and not isinstance(exc, SyncError):
+                reason = f"listing {settings.remote_dir}: {reason}"
+            if attempt > settings.retries:
+                result.error = f"sync failed after {attempt} attempts: {reason}"
+                return result
+            delay = _backoff(settings, attempt)
+            log.warning("sftp attempt %d failed (%s); retrying in %.1fs", attempt, reason, delay)
+            sleep(delay)
+
+    assert transport is not None
+    try:
+        todo: list[MirroredFile] = []
+        cutoff = now() - settings.min_age
+        for rel, attr in listing:
+            local = settings.local_dir.joinpath(*rel.split("/"))
+            size, mtime = int(attr.st_size or 0), int(attr.st_mtime or 0)
+            item = MirroredFile(
+                rel=rel,
+                remote=posixpath.join(settings.remote_dir, rel),
+                local=local,
+                size=size,
+                mtime=mtime,
+                status=UNCHANGED,
+            )
+            result.files.append(item)
+            try:
+                st = local.stat()
+                if st.st_size == size and int(st.st_mtime) == mtime:
+                    continue
+            except FileNotFoundError:
+                pass
+            if settings.min_age and mtime > cutoff:
+                item.status = SKIPPED_YOUNG
+                item.reason = f"younger than SMT_MIN_AGE={settings.min_age:g}s"
+                continue
+            item.status = WOULD_DOWNLOAD
+            todo.append(item)
+        if dry_run or not todo:
+            return result
+        _remove_stale_partials(settings.local_dir, settings.max_depth)
+        _download_all(transport, todo, settings.parallel)
+        failed = [f for f in todo if f.status == FAILED]
+        if failed:
+            result.error = f"{len(failed)} download(s) failed, first: {failed[0].rel}: " + (
+                failed[0].reason
+            )
+        return result
+    finally:
+        transport.close()
+
+
+def _download_all(transport: paramiko.Transport, todo: list[MirroredFile], parallel: int) -> None:
+    workers = max(1, min(parallel, len(todo)))
+    clients: queue.Queue[paramiko.SFTPClient] = queue.Queue()
+    opened: list[paramiko.SFTPClient] = []
+    try:
+        for _ in range(workers):
+            client = paramiko.SFTPClient.from_transport(transport)
+            if client is None:
+                break
+            opened.append(client)
+            clients.put(client)
+        if not opened:
+            for item in todo:
+                item.status, item.reason = FAILED, "cannot open an sftp channel"
+            return
+
+        def run(item: MirroredFile) -> MirroredFile:
+            client = clients.get()
+            try:
+                return _download(client, item)
+            finally:
+                clients.put(client)
+
+        if len(opened) == 1:
+            for item in todo:
+                run(item)
+        else:
+            with ThreadPoolExecutor(max_workers=len(opened)) as pool:
+                list(pool.map(run, todo))
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        for item in todo:
+            if item.status == WOULD_DOWNLOAD:
+                item.status, item.reason = FAILED, str(exc) or type(exc).__name__
+    finally:
+        for client in opened:
+            with contextlib.suppress(Exception):
+                client.close()
