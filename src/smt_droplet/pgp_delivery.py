@@ -1,0 +1,561 @@
+"""PGP-armored SMT deliveries: decrypt with ``gpg``, open the zip inside, extract the interval CSV.
+
+SMT delivers many reports as ASCII-armored PGP messages (``*IntervalMeterUsage*.asc``,
+``*DailyMeterUsage*.asc``, ``*.CSV.<n>.asc``) encrypted to the droplet's key; each decrypts to a
+zip whose interval CSV is what gets posted. This module does only that unpacking; it posts
+nothing and writes no ledger.
+
+Proposed integration into the ingest pass (for the lead)
+========================================================
+
+In the per-file loop, before attribution::
+
+    if pgp_delivery.is_pgp_armored(path):
+        asc_digest = <the sha256 the pass already computes for every inbox file>
+        if asc_digest in posted or outcomes.get(asc_digest) is a non-retryable rejection:
+            skip                        # same delivery: never decrypted again
+        try:
+            with pgp.extract(path, workdir_parent=<spool>/tmp or None) as extracted:
+                # extracted.path: the CSV in a private 0700 dir, named after the zip member,
+                # mtime copied from the .asc (so captured_at and ESIID-from-name work unchanged)
+                result = post_file(extracted.path, ...)   # the one "how a file is posted" function
+        except pgp_delivery.DeliveryError as exc:
+            log.warning("%s", exc)      # one line: "<file>: <code>: <reason>"
+            if exc.retryable:           # DecryptFailed: gpg missing, timeout, key locked
+                leave pending (exit code 1, timer retries)
+            else:
+                outcomes[asc_digest] = {"state": "rejected", "reason": exc.code,
+                                        "detail": exc.reason, "via": "pgp"}
+        # the temporary directory is gone here, on every path
+
+Ledger (``STATE_FILE`` stays one digest per line, old format):
+
+* After the web app answered 200 for the extracted CSV, append **both** digests:
+  ``extracted.csv_sha256`` first (the same interval CSV arriving later in plain text is then a
+  no-op, as it is for the app), then ``extracted.source_sha256`` (the ``.asc`` digest, which is
+  what the next pass looks up before decrypting; a kill between the two appends only costs one
+  more decrypt and a ``duplicate: true`` answer).
+* Sidecar ``outcomes[<asc sha256>]``: ``{"state": "posted", "via": "pgp", "member":
+  extracted.member, "csv_sha256": ..., "key": extracted.decryption_key}`` on success, or
+  ``{"state": "rejected", "reason": exc.code, "detail": exc.reason, "via": "pgp"}``. The CSV's
+  own digest needs no separate outcome: it is never an inbox file itself.
+* ``smt-droplet forget FILE.asc`` drops the ``.asc`` digest (and, if the sidecar links it,
+  the ``csv_sha256``) so the next pass decrypts and posts it again. This is also the remedy
+  after importing the right key for a ``no_secret_key`` / ``wrong_key`` rejection.
+
+``smt-droplet status`` shows one line per ``.asc`` with the PGP outcome, e.g.::
+
+    posted    IntervalMeterUsage_..._20251101.asc  pgp: IntervalMeterUsage_....csv (sha256 1a2b..)
+    rejected  DailyMeterUsage_..._20251102.asc     pgp: wrong_key (encrypted to 0x63AF8DFF...)
+    rejected  x.CSV.3.asc                          pgp: zip_too_large (central directory ...)
+    pending   y.asc                                pgp: decrypt_failed (will retry)
+
+(``--json``: the sidecar outcome dict as is.)
+
+Settings (``PgpSettings.from_env``): ``SMT_GNUPG_HOME`` (default ``$GNUPGHOME`` or
+``~/.gnupg`` of the service user), ``SMT_GNUPG_PASSPHRASE_FILE`` (optional; only for a
+protected key, read at extraction time and handed to gpg through a pipe, never argv),
+``SMT_PGP_MAX_BYTES`` (cap on the decrypted zip and on the sum of its uncompressed entries,
+default 64 MiB), ``SMT_PGP_MAX_ENTRIES`` (default 64), ``SMT_GPG_TIMEOUT`` (seconds, default 120).
+The service unit needs write access to the GnuPG home (gpg-agent socket, trustdb); gpg-agent is
+started on demand inside the unit's cgroup and ends with the oneshot service.
+
+Why the ``gpg`` binary and not a binding: ``python3-gnupg`` is packaged (Debian 12: 0.4.9) but it
+is itself a wrapper that runs ``gpg`` as a subprocess; calling it directly with ``--status-fd``
+gives the same machine-readable status lines, one dependency less, and full control over the
+flags (``--max-output``, ``--pinentry-mode loopback``, no dirmngr, no key retrieval).
+
+Safety properties:
+
+* no passphrase on any command line (``--passphrase-fd`` on a pipe); ``--pinentry-mode loopback``
+  always, so gpg never launches a pinentry on a service;
+* the ``.asc`` is read once into memory, hashed, and fed to gpg on stdin: the digest recorded is
+  exactly the bytes that were decrypted;
+* gpg's own ``--max-output`` caps the decrypted zip; the zip's central-directory entry count
+  (counted from the raw bytes, before :mod:`zipfile` parses it) and declared sizes are capped;
+  the chosen entry is capped again while it is read, since headers can lie;
+* all plaintext (the zip, the CSV) lives in one ``mkdtemp`` directory (mode 0700), removed on
+  every exit path of the context manager, including exceptions raised by the caller's body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import ClassVar
+
+from .config import ConfigError, _float, _get, _int
+
+log = logging.getLogger("smt_droplet.pgp")
+
+ARMOR_HEADER = b"-----BEGIN PGP MESSAGE-----"
+DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_ENTRIES = 64
+DEFAULT_GPG_TIMEOUT = 120.0
+_CHUNK = 1024 * 1024
+_CENTRAL_HEADER_SIG = b"PK\x01\x02"
+_MAX_PASSPHRASE_BYTES = 4096
+# Armored input is ~4/3 of the binary message; anything far beyond the zip cap is refused unread.
+_ARMOR_OVERHEAD = 2
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+class DeliveryError(Exception):
+    """A PGP delivery that could not be unpacked. ``code`` is the ledger's rejection reason.
+
+    ``retryable`` is False for everything that is a property of the file (the pass marks it
+    rejected until it changes or an operator runs ``forget``), True for trouble on our side.
+    """
+
+    code: ClassVar[str] = "pgp_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, file: Path | str, reason: str) -> None:
+        self.file = Path(file)
+        self.reason = reason
+        super().__init__(f"{self.file.name}: {self.code}: {reason}")
+
+
+class NoSecretKey(DeliveryError):
+    """The droplet's keyring holds no secret key at all (key not imported)."""
+
+    code = "no_secret_key"
+
+
+class WrongKey(DeliveryError):
+    """Encrypted to a key we don't have (or to a passphrase), so it cannot be decrypted here."""
+
+    code = "wrong_key"
+
+
+class CorruptArmor(DeliveryError):
+    """Bad armor (CRC, base64, truncation), no OpenPGP data, a modified or unencrypted message."""
+
+    code = "corrupt_armor"
+
+
+class NotAZip(DeliveryError):
+    """The decrypted payload is not a zip archive."""
+
+    code = "not_a_zip"
+
+
+class CorruptZip(NotAZip):
+    """A zip, but damaged: bad CRC, truncated or password-protected entry, unknown method."""
+
+    code = "corrupt_zip"
+
+
+class NoCsvInside(DeliveryError):
+    """The zip holds no ``*.csv`` entry."""
+
+    code = "no_csv_inside"
+
+
+class ZipTooLarge(DeliveryError):
+    """Over the caps: decrypted size, entry count or uncompressed size (a zip bomb)."""
+
+    code = "zip_too_large"
+
+
+class DecryptFailed(DeliveryError):
+    """gpg could not run or could not use our key (missing binary, timeout, bad passphrase).
+
+    Not the file's fault: the pass should leave the file pending and retry later.
+    """
+
+    code = "decrypt_failed"
+    retryable = True
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ExtractedCsv:
+    """The interval CSV taken out of one delivery; valid only inside the ``with`` block."""
+
+    source: Path  # the .asc file
+    source_sha256: str  # digest of the .asc bytes that were decrypted
+    member: str  # the entry name inside the zip, as stored
+    path: Path  # the extracted CSV, in a private temporary directory
+    csv_sha256: str
+    size: int
+    decryption_key: str | None = None  # fingerprint of the subkey gpg used (public information)
+    members: tuple[str, ...] = field(default=())  # every entry name, for logs and status
+
+
+@dataclass(frozen=True)
+class PgpSettings:
+    """Where the droplet's key lives and the caps that bound one delivery."""
+
+    gnupg_home: Path | None = None
+    passphrase_file: Path | None = None
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    timeout: float = DEFAULT_GPG_TIMEOUT
+    gpg_binary: str = "gpg"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PgpSettings:
+        home = _get(env, "SMT_GNUPG_HOME") or _get(env, "GNUPGHOME")
+        passphrase_file = _get(env, "SMT_GNUPG_PASSPHRASE_FILE")
+        return cls(
+            gnupg_home=Path(home).expanduser() if home else Path("~/.gnupg").expanduser(),
+            passphrase_file=Path(passphrase_file) if passphrase_file else None,
+            max_total_bytes=_int(env, "SMT_PGP_MAX_BYTES", DEFAULT_MAX_TOTAL_BYTES, minimum=1024),
+            max_entries=_int(env, "SMT_PGP_MAX_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=1),
+            timeout=_float(env, "SMT_GPG_TIMEOUT", DEFAULT_GPG_TIMEOUT, minimum=1.0),
+        )
+
+    def read_passphrase(self) -> str | None:
+        """The key's passphrase from ``passphrase_file`` (first line), or None."""
+        if self.passphrase_file is None:
+            return None
+        try:
+            raw = self.passphrase_file.read_bytes()[:_MAX_PASSPHRASE_BYTES]
+        except OSError as exc:
+            raise ConfigError(
+                f"SMT_GNUPG_PASSPHRASE_FILE={self.passphrase_file}: {exc.strerror or exc}"
+            ) from None
+        return raw.decode("utf-8", "strict").splitlines()[0] if raw.strip() else None
+
+    def extract(
+        self, path: Path, workdir_parent: Path | None = None
+    ) -> contextlib.AbstractContextManager[ExtractedCsv]:
+        """:func:`extract_interval_csv` with these settings."""
+        return extract_interval_csv(
+            path,
+            self.gnupg_home,
+            workdir_parent,
+            max_total_bytes=self.max_total_bytes,
+            max_entries=self.max_entries,
+            passphrase=self.read_passphrase(),
+            timeout=self.timeout,
+            gpg_binary=self.gpg_binary,
+        )
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def is_pgp_armored(path: Path) -> bool:
+    """True if the file starts (after an optional BOM and whitespace) with a PGP message armor."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError:
+        return False
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(ARMOR_HEADER)
+
+
+@contextlib.contextmanager
+def extract_interval_csv(
+    path: Path,
+    gnupg_home: Path | None,
+    workdir_parent: Path | None = None,
+    *,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    passphrase: str | None = None,
+    timeout: float = DEFAULT_GPG_TIMEOUT,
+    gpg_binary: str = "gpg",
+) -> Iterator[ExtractedCsv]:
+    """Decrypt ``path``, open the zip, yield the interval CSV; remove all plaintext on exit.
+
+    Raises a :class:`DeliveryError` subclass naming the file and the reason. ``gnupg_home`` None
+    means gpg's default (``$GNUPGHOME`` or ``~/.gnupg``).
+    """
+    path = Path(path)
+    workdir = Path(tempfile.mkdtemp(prefix="smt-pgp-", dir=workdir_parent))
+    try:
+        os.chmod(workdir, 0o700)
+        armored, source_sha256 = _read_armored(path, max_total_bytes)
+        zip_path = workdir / "payload.zip"
+        key = _gpg_decrypt(
+            path,
+            armored,
+            zip_path,
+            gnupg_home=gnupg_home,
+            passphrase=passphrase,
+            max_output=max_total_bytes,
+            timeout=timeout,
+            gpg_binary=gpg_binary,
+        )
+        del armored
+        extracted = _extract_csv(path, zip_path, workdir, max_total_bytes, max_entries)
+        zip_path.unlink()
+        st = path.stat()
+        os.utime(extracted.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        yield ExtractedCsv(
+            source=path,
+            source_sha256=source_sha256,
+            member=extracted.member,
+            path=extracted.path,
+            csv_sha256=extracted.sha256,
+            size=extracted.size,
+            decryption_key=key,
+            members=extracted.members,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir.exists():  # pragma: no cover - only on a filesystem error
+            log.error("could not remove plaintext directory %s", workdir)
+
+
+# ---------------------------------------------------------------------------------- decrypt
+
+
+def _read_armored(path: Path, max_total_bytes: int) -> tuple[bytes, str]:
+    cap = max_total_bytes * _ARMOR_OVERHEAD + 65536
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+    except OSError as exc:
+        raise DecryptFailed(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise ZipTooLarge(path, f"armored file is over {cap} bytes")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _gpg_decrypt(
+    path: Path,
+    armored: bytes,
+    out: Path,
+    *,
+    gnupg_home: Path | None,
+    passphrase: str | None,
+    max_output: int,
+    timeout: float,
+    gpg_binary: str,
+) -> str | None:
+    """Run gpg; return the fingerprint of the decryption subkey or raise a DeliveryError."""
+    if gnupg_home is not None and not Path(gnupg_home).is_dir():
+        raise DecryptFailed(path, f"GnuPG home {gnupg_home} is not a directory")
+    cmd = [gpg_binary, *_base_args(gnupg_home)]
+    cmd += [
+        "--status-fd",
+        "1",
+        "--no-auto-key-retrieve",
+        "--no-auto-key-import",
+        "--disable-dirmngr",
+        "--no-symkey-cache",
+        "--max-output",
+        str(max_output),
+    ]
+    pass_fds: tuple[int, ...] = ()
+    read_fd = write_fd = -1
+    if passphrase is not None:
+        secret = passphrase.encode()
+        if len(secret) > _MAX_PASSPHRASE_BYTES or b"\n" in secret:
+            raise DecryptFailed(path, "passphrase is too long or spans lines")
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, secret + b"\n")  # fits the pipe buffer; gpg reads it at its pace
+        os.close(write_fd)
+        pass_fds = (read_fd,)
+        cmd += ["--passphrase-fd", str(read_fd)]
+    cmd += ["--output", str(out), "--decrypt"]
+    try:
+        proc = subprocess.run(
+            cmd,
+            input=armored,
+            capture_output=True,
+            timeout=timeout,
+            pass_fds=pass_fds,
+            shell=False,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise DecryptFailed(path, f"{gpg_binary} not found (install gnupg)") from None
+    except subprocess.TimeoutExpired:
+        raise DecryptFailed(path, f"gpg did not finish within {timeout:g} s") from None
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+    status = _parse_status(proc.stdout)
+    stderr = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode == 0 and "DECRYPTION_OKAY" in status and "DECRYPTION_FAILED" not in status:
+        if "BADMDC" in status:  # defensive: gpg exits non-zero for this already
+            raise CorruptArmor(path, "integrity check failed: the message was modified")
+        key = status.get("DECRYPTION_KEY", [""])[0].split(" ")[0] or None
+        return key
+    raise _classify_failure(path, proc.returncode, status, stderr, gnupg_home, gpg_binary)
+
+
+def _base_args(gnupg_home: Path | None) -> list[str]:
+    args = ["--batch", "--yes", "--no-tty", "--pinentry-mode", "loopback"]
+    if gnupg_home is not None:
+        args += ["--homedir", str(gnupg_home)]
+    return args
+
+
+def _parse_status(raw: bytes) -> dict[str, list[str]]:
+    """``[GNUPG:] KEYWORD args`` lines → {KEYWORD: [args, ...]}."""
+    status: dict[str, list[str]] = {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if not line.startswith("[GNUPG:] "):
+            continue
+        keyword, _, args = line[9:].partition(" ")
+        status.setdefault(keyword, []).append(args)
+    return status
+
+
+def _last_gpg_message(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith("gpg:")]
+    return lines[-1][4:].strip() if lines else "gpg failed"
+
+
+def _classify_failure(
+    path: Path,
+    returncode: int,
+    status: dict[str, list[str]],
+    stderr: str,
+    gnupg_home: Path | None,
+    gpg_binary: str,
+) -> DeliveryError:
+    message = _last_gpg_message(stderr)
+    if "max-output" in stderr:
+        return ZipTooLarge(path, "decrypted payload exceeds the size cap")
+    if "BADMDC" in status:
+        return CorruptArmor(path, "integrity check failed: the message was modified")
+    recipients = [args.split(" ")[0] for args in status.get("ENC_TO", [])]
+    missing = [args.split(" ")[0] for args in status.get("NO_SECKEY", [])]
+    if recipients and missing and set(missing) >= set(recipients):
+        ids = ", ".join(f"0x{r}" for r in recipients)
+        if _has_secret_key(gnupg_home, gpg_binary):
+            return WrongKey(path, f"encrypted to {ids}, which is not the droplet's key")
+        return NoSecretKey(path, f"encrypted to {ids}; the keyring holds no secret key")
+    if "NEED_PASSPHRASE_SYM" in status and not recipients:
+        return WrongKey(path, "encrypted with a passphrase, not to the droplet's key")
+    if recipients and ("NEED_PASSPHRASE" in status or "ERROR" in status):
+        # We hold the key but could not use it: locked, wrong passphrase, agent trouble.
+        return DecryptFailed(path, f"secret key unusable: {message}")
+    if "NODATA" in status or "CRC error" in stderr or "armor" in stderr.lower():
+        return CorruptArmor(path, message)
+    if returncode == 0 and "DECRYPTION_OKAY" not in status:
+        return CorruptArmor(path, "not an encrypted message (signed or stored only)")
+    if not recipients:
+        return CorruptArmor(path, message)
+    return DecryptFailed(path, f"gpg exit {returncode}: {message}")
+
+
+def _has_secret_key(gnupg_home: Path | None, gpg_binary: str) -> bool:
+    cmd = [gpg_binary, *_base_args(gnupg_home), "--with-colons", "--list-secret-keys"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=30, shell=False, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.startswith((b"sec:", b"ssb:")) for line in proc.stdout.splitlines())
+
+
+# -------------------------------------------------------------------------------------- zip
+
+
+@dataclass(frozen=True)
+class _Member:
+    member: str
+    path: Path
+    sha256: str
+    size: int
+    members: tuple[str, ...]
+
+
+def _count_central_headers(zip_path: Path) -> int:
+    """Upper bound on what zipfile will parse: each central entry starts with PK\\x01\\x02."""
+    count = 0
+    tail = b""
+    with open(zip_path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            buf = tail + chunk
+            count += buf.count(_CENTRAL_HEADER_SIG)
+            tail = buf[-(len(_CENTRAL_HEADER_SIG) - 1) :]
+    return count
+
+
+def _choose(infos: list[zipfile.ZipInfo]) -> zipfile.ZipInfo | None:
+    csvs = [i for i in infos if not i.is_dir() and i.filename.lower().endswith(".csv")]
+    for info in csvs:
+        if "interval" in info.filename.lower():
+            return info
+    return csvs[0] if csvs else None
+
+
+def _safe_name(member: str) -> str:
+    name = PurePosixPath(member.replace("\\", "/")).name
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in "\x00/")
+    if name in ("", ".", "..") or not name.lower().endswith(".csv"):
+        return "interval.csv"
+    return name
+
+
+def _extract_csv(
+    path: Path, zip_path: Path, workdir: Path, max_total_bytes: int, max_entries: int
+) -> _Member:
+    if not zipfile.is_zipfile(zip_path):
+        raise NotAZip(path, "the decrypted payload is not a zip archive")
+    headers = _count_central_headers(zip_path)
+    if headers > max_entries:
+        raise ZipTooLarge(path, f"{headers} central-directory headers > cap {max_entries} entries")
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
+        raise CorruptZip(path, f"cannot read the zip: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > max_entries:
+            raise ZipTooLarge(path, f"{len(infos)} entries > cap {max_entries}")
+        declared = sum(i.file_size for i in infos)
+        if declared > max_total_bytes:
+            raise ZipTooLarge(
+                path, f"uncompressed size {declared} bytes > cap {max_total_bytes} bytes"
+            )
+        names = tuple(i.filename for i in infos)
+        info = _choose(infos)
+        if info is None:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise NoCsvInside(path, f"no .csv entry among {len(names)} ({shown or 'empty zip'})")
+        if info.flag_bits & 0x1:
+            raise CorruptZip(path, f"entry {info.filename!r} is password-protected")
+        dest = workdir / _safe_name(info.filename)
+        limit = min(info.file_size, max_total_bytes)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                while chunk := src.read(_CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise ZipTooLarge(
+                            path,
+                            f"entry {info.filename!r} inflates past its declared "
+                            f"{info.file_size} bytes (cap {max_total_bytes})",
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            NotImplementedError,
+            RuntimeError,
+            ValueError,
+        ) as exc:
+            raise CorruptZip(path, f"entry {info.filename!r}: {exc}") from None
+        if size != info.file_size:
+            raise CorruptZip(
+                path, f"entry {info.filename!r}: {size} bytes, header says {info.file_size}"
+            )
+    return _Member(info.filename, dest, digest.hexdigest(), size, names)
