@@ -12,7 +12,8 @@ and discarded, never buffered) for a request body over ``max_body_bytes``.
 
 Test controls, in-process (:class:`IntelliWattDouble`) or over HTTP for other processes:
 
-* ``GET  /__double/received`` (``?content=1`` adds ``content_b64``), ``GET /__double/requests``
+* ``GET  /__double/received`` (``?content=1`` adds ``content_b64``; ``?wait_for=N&timeout=S``
+  blocks until N uploads were accepted or S seconds passed), ``GET /__double/requests``
 * ``POST /__double/fail``  ``{"n", "status", "body", "headers"}`` — the next n upload POSTs get
   this answer (queued after earlier injections);
 * ``POST /__double/stall`` ``{"n", "seconds"}`` — the next n upload POSTs sleep before answering.
@@ -180,6 +181,7 @@ class IntelliWattDouble:
         self.max_body_bytes = max_body_bytes
         self.store_dir = Path(store_dir) if store_dir else None
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -251,6 +253,20 @@ class IntelliWattDouble:
     def received(self) -> list[dict[str, Any]]:
         """Accepted uploads (200 ok) in arrival order, duplicates included."""
         with self._lock:
+            return [dict(r) for r in self._received]
+
+    def wait_received(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Block until at least ``count`` uploads were accepted (or ``timeout``); return them.
+
+        For flows where something else posts asynchronously (webhook → spool → ingest).
+        """
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while len(self._received) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.wait(left)
             return [dict(r) for r in self._received]
 
     def posted(self) -> list[dict[str, Any]]:
@@ -419,6 +435,7 @@ class IntelliWattDouble:
             if not duplicate:
                 self._by_sha[sha] = record
             self._received.append(record)
+            self._arrived.notify_all()
             self._persist(record)
         message = "duplicate (already stored)" if duplicate else "stored"
         response = {
@@ -626,7 +643,18 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(parts.query)
         if parts.path == CONTROL_PREFIX + "received":
             with_content = query.get("content", ["0"])[0] not in ("", "0", "false")
-            records = [_public(r, with_content) for r in self.double.received()]
+            try:
+                wait_for = int(query.get("wait_for", ["0"])[0])
+                timeout = min(float(query.get("timeout", ["10"])[0]), 300.0)
+            except ValueError:
+                self._send(_json_answer(400, {"ok": False, "error": "BAD_CONTROL"}))
+                return
+            found = (
+                self.double.wait_received(wait_for, timeout)
+                if wait_for > 0
+                else self.double.received()
+            )
+            records = [_public(r, with_content) for r in found]
             self._send(_json_answer(200, {"received": records}))
             return
         if parts.path == CONTROL_PREFIX + "requests":

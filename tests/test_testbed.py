@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -294,9 +296,9 @@ def test_fail_next_custom_body(webapp):
 
 
 def test_stall_next_delays_and_still_processes(webapp):
-    webapp.stall_next(1, 1.0)
+    webapp.stall_next(1, 0.6)
     with pytest.raises(requests.Timeout):
-        post(webapp, inline_body(), timeout=0.3)
+        post(webapp, inline_body(), timeout=0.2)
     # the stalled request is processed after its sleep, like a slow app the client gave up on
     deadline = time.monotonic() + 5
     while not webapp.received() and time.monotonic() < deadline:
@@ -306,6 +308,29 @@ def test_stall_next_delays_and_still_processes(webapp):
     resp = post(webapp, inline_body())
     assert time.monotonic() - began < 0.5  # only the next 1 POST was stalled
     assert resp.json()["duplicate"] is True
+
+
+def test_concurrent_same_file_is_stored_once(webapp):
+    body = inline_body()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: post(webapp, body), range(8)))
+    assert {r.status_code for r in answers} == {200}
+    assert sorted(r.json()["duplicate"] for r in answers) == [False] + [True] * 7
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert len(webapp.posted()) == 1
+
+
+def test_wait_received_in_process_and_over_http(webapp):
+    assert webapp.wait_received(1, timeout=0.1) == []
+    timer = threading.Timer(0.2, lambda: post(webapp, inline_body()))
+    timer.start()
+    try:
+        url = webapp.url + "/__double/received?wait_for=1&timeout=5"
+        received = requests.get(url, timeout=10).json()["received"]
+    finally:
+        timer.join()
+    assert len(received) == 1
+    assert len(webapp.wait_received(1, timeout=0.1)) == 1
 
 
 def test_reset_forgets_everything(webapp):
@@ -512,6 +537,22 @@ def test_kill_connections_drops_a_live_session(sftp_peer):
         client.close()
     # the listener survives: a new session works
     _client(sftp_peer).close()
+
+
+def test_many_concurrent_sessions(sftp_peer):
+    """Benchmarks and pipelined mirrors open many sessions; sshd must not throttle them."""
+    (sftp_peer.root / "f.csv").write_bytes(b"data")
+
+    def fetch(_: int) -> bytes:
+        client = _client(sftp_peer)
+        try:
+            with client.open_sftp().open(str(sftp_peer.root / "f.csv")) as fh:
+                return fh.read()
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        assert list(pool.map(fetch, range(16))) == [b"data"] * 16
 
 
 def test_stop_ends_sshd_and_sessions(tmp_path):
