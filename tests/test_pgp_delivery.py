@@ -14,12 +14,14 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import pytest
 
 from smt_droplet import pgp_delivery as pgp
 from smt_droplet.config import ConfigError
+from testbed.smt_csv import generate_interval_csv
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg not installed")
 
@@ -28,19 +30,8 @@ MiB = 1024 * 1024
 
 
 def smt_interval_csv(esiid: str = ESIID, days: int = 2) -> bytes:
-    """A small CSV in SMT's interval layout (header, apostrophe ESIID, 15-minute rows)."""
-    lines = [
-        "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,"
-        "ESTIMATED_ACTUAL,CONSUMPTION_SURPLUSGENERATION"
-    ]
-    for day in range(1, days + 1):
-        for q in range(96):
-            start = f"{q // 4}:{q % 4 * 15:02d}"
-            end_q = (q + 1) % 96
-            end = f"{end_q // 4}:{end_q % 4 * 15:02d}"
-            kwh = f"{0.1 + (q % 7) * 0.05:.3f}"
-            lines.append(f"'{esiid},11/{day}/2025,11/{day + 1}/2025,{start},{end},{kwh},A,C")
-    return ("\r\n".join(lines) + "\r\n").encode()
+    """A small CSV in SMT's interval layout (the test bed's generator)."""
+    return generate_interval_csv(esiid, date(2025, 11, 1), days)
 
 
 BILLING_CSV = b"ESIID,BILL_START,BILL_END,KWH\r\n'10443720000000099,10/1/2025,10/31/2025,812\r\n"
@@ -208,6 +199,16 @@ def test_extracts_the_interval_csv_not_the_billing_csv(
         assert got.path.stat().st_mtime == asc.stat().st_mtime  # captured_at = delivery time
     assert not got.path.exists()
     assert not private.exists()
+
+    # The pass hands over the bytes it already hashed: those are what gets decrypted.
+    assert pgp.looks_armored(armored)
+    with pgp.extract_interval_csv(asc, homes.droplet.home, workdir, armored=armored) as again:
+        assert again.source_sha256 == got.source_sha256
+        assert again.csv_sha256 == got.csv_sha256
+    other = encrypt_to(homes.droplet, make_zip([("interval.csv", b"a,b\n")]))
+    with pgp.extract_interval_csv(asc, homes.droplet.home, workdir, armored=other) as third:
+        assert third.source_sha256 == hashlib.sha256(other).hexdigest()
+        assert third.path.read_bytes() == b"a,b\n"
 
 
 def test_falls_back_to_the_first_csv_and_matches_case_insensitively(
@@ -549,3 +550,31 @@ def test_pgp_compression_bomb_is_cut_off_by_max_output(
         with pgp.extract_interval_csv(asc, homes.droplet.home, workdir, max_total_bytes=MiB):
             pass
     assert time.monotonic() - started < 3.0
+
+
+def test_message_for_several_recipients_including_ours(
+    tmp_path: Path, homes: Homes, workdir: Path
+) -> None:
+    pub = _gpg(homes.droplet.home, "--armor", "--export", homes.droplet.fingerprint)
+    _gpg(homes.other.home, "--import", data=pub)
+    interval = smt_interval_csv(days=1)
+    armored = _gpg(
+        homes.other.home,
+        "--trust-model",
+        "always",
+        "--armor",
+        "--recipient",
+        homes.other.fingerprint,
+        "--recipient",
+        homes.droplet.fingerprint,
+        "--encrypt",
+        data=make_zip([("IntervalMeterUsage.csv", interval)]),
+    )
+    asc = write_asc(tmp_path, "both.asc", armored)
+    with pgp.extract_interval_csv(asc, homes.droplet.home, workdir) as got:
+        assert got.path.read_bytes() == interval
+    # ...and neither recipient is ours: wrong key, naming both key ids.
+    with pytest.raises(pgp.WrongKey) as exc_info:
+        with pgp.extract_interval_csv(asc, homes.locked.home, workdir):
+            pass
+    assert exc_info.value.reason.count("0x") == 2

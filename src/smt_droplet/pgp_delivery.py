@@ -8,49 +8,59 @@ nothing and writes no ledger.
 Proposed integration into the ingest pass (for the lead)
 ========================================================
 
-In the per-file loop, before attribution::
+Everything goes through ``ingest.process_file``, which already hashes the inbox file, skips a
+digest that is in the ledger and skips a recorded ``rejected`` outcome. For an ``.asc`` that digest
+*is* the delivery's digest, so "the same delivery is not decrypted again" needs no new code. The
+new branch sits after those checks, where ``data`` (the file's bytes) is in hand::
 
-    if pgp_delivery.is_pgp_armored(path):
-        asc_digest = <the sha256 the pass already computes for every inbox file>
-        if asc_digest in posted or outcomes.get(asc_digest) is a non-retryable rejection:
-            skip                        # same delivery: never decrypted again
+    if pgp_delivery.looks_armored(data):
         try:
-            with pgp.extract(path, workdir_parent=<spool>/tmp or None) as extracted:
-                # extracted.path: the CSV in a private 0700 dir, named after the zip member,
-                # mtime copied from the .asc (so captured_at and ESIID-from-name work unchanged)
-                result = post_file(extracted.path, ...)   # the one "how a file is posted" function
-        except pgp_delivery.DeliveryError as exc:
-            log.warning("%s", exc)      # one line: "<file>: <code>: <reason>"
-            if exc.retryable:           # DecryptFailed: gpg missing, timeout, key locked
-                leave pending (exit code 1, timer retries)
+            with ctx.pgp.extract(item.path, armored=data) as x:   # ctx.pgp: PgpSettings
+                csv = x.path.read_bytes()
+                who = attribute(x.path, defaults, head=csv[:HEAD_BYTES])
+                # (fallback: attribute(item.path, ...) -- the .asc name often carries the ESIID)
+                answer = inline_post.post_file(ctx.session, settings, x.path, esiid=..., meter=...,
+                                               data=csv, mtime=item.mtime)
+                if answer.outcome in (POSTED, DUPLICATE):
+                    ledger.record_posted(x.csv_sha256, f"{item.rel}!{x.member}", answer.app_id, dup)
+                    ledger.record_posted(digest, item.rel, answer.app_id, dup)   # the .asc: last
+                elif answer.outcome == REJECTED / TOO_LARGE:
+                    ledger.record_outcome(digest, ..., answer.reason, item.rel)  # keyed on the .asc
+        except pgp_delivery.DeliveryError as exc:   # log once: "<file>: <code>: <reason>"
+            if exc.retryable:                        # DecryptFailed: gpg missing/timeout/key locked
+                result.outcome, result.reason = FAILED, str(exc)        # exit 1, timer retries
             else:
-                outcomes[asc_digest] = {"state": "rejected", "reason": exc.code,
-                                        "detail": exc.reason, "via": "pgp"}
-        # the temporary directory is gone here, on every path
+                ledger.record_outcome(digest, REJECTED, f"pgp:{exc.code}: {exc.reason}", item.rel)
+                result.outcome, result.reason = REJECTED, f"pgp:{exc.code}"
+        # here the private directory is gone, whatever happened inside
 
-Ledger (``STATE_FILE`` stays one digest per line, old format):
+Ledger (``STATE_FILE`` stays one digest per line, the old format):
 
-* After the web app answered 200 for the extracted CSV, append **both** digests:
-  ``extracted.csv_sha256`` first (the same interval CSV arriving later in plain text is then a
-  no-op, as it is for the app), then ``extracted.source_sha256`` (the ``.asc`` digest, which is
-  what the next pass looks up before decrypting; a kill between the two appends only costs one
-  more decrypt and a ``duplicate: true`` answer).
-* Sidecar ``outcomes[<asc sha256>]``: ``{"state": "posted", "via": "pgp", "member":
-  extracted.member, "csv_sha256": ..., "key": extracted.decryption_key}`` on success, or
-  ``{"state": "rejected", "reason": exc.code, "detail": exc.reason, "via": "pgp"}``. The CSV's
-  own digest needs no separate outcome: it is never an inbox file itself.
-* ``smt-droplet forget FILE.asc`` drops the ``.asc`` digest (and, if the sidecar links it,
-  the ``csv_sha256``) so the next pass decrypts and posts it again. This is also the remedy
-  after importing the right key for a ``no_secret_key`` / ``wrong_key`` rejection.
+* after the app's 200 for the extracted CSV, append **both** digests: the CSV's first (so the
+  same interval CSV arriving later in plain text is a no-op), then the ``.asc``'s (what the next
+  pass looks up). A kill between the two appends costs one more decrypt and a ``duplicate: true``.
+* ``x.source_sha256`` equals the pass's ``digest`` when ``armored=data`` is passed (gpg is fed
+  exactly those bytes), so nothing is hashed twice and nothing can change in between.
+* sidecar: ``outcomes[<asc digest>]`` carries the rejection (``pgp:<code>: <reason>``); for the
+  posted case I suggest an optional ``extra`` dict on ``record_posted`` so ``apps[<asc digest>]``
+  holds ``{"via": "pgp", "member": x.member, "csv_sha256": x.csv_sha256}``.
+* ``smt-droplet forget FILE.asc`` drops the ``.asc`` digest; the next pass decrypts and posts it
+  again (the branch does not skip on the CSV digest, so a forced re-post really re-posts). That is
+  also the remedy after importing the right key for a ``no_secret_key``/``wrong_key`` rejection.
+* check mode (``WOULD_POST``): decrypting is local and read-only, so it can run to report the
+  member and the ESIID; or skip it and report ``would-decrypt``.
 
-``smt-droplet status`` shows one line per ``.asc`` with the PGP outcome, e.g.::
+``smt-droplet status`` then needs only the ``apps`` extra to show the PGP outcome per file::
 
-    posted    IntervalMeterUsage_..._20251101.asc  pgp: IntervalMeterUsage_....csv (sha256 1a2b..)
-    rejected  DailyMeterUsage_..._20251102.asc     pgp: wrong_key (encrypted to 0x63AF8DFF...)
-    rejected  x.CSV.3.asc                          pgp: zip_too_large (central directory ...)
-    pending   y.asc                                pgp: decrypt_failed (will retry)
+    posted     IntervalMeterUsage_1044..._20251101.asc sha256=... id=42 pgp: Interval...csv
+    rejected   DailyMeterUsage_1044..._20251102.asc sha256=... pgp:wrong_key: encrypted to 0x63AF...
+    rejected   x.CSV.3.asc sha256=... pgp:zip_too_large: uncompressed size 209715200 bytes > cap ...
+    failed     y.asc (journal: decrypt_failed, retried by the next pass)
 
-(``--json``: the sidecar outcome dict as is.)
+Inbox globs: ``DEFAULT_INCLUDE`` already has ``*IntervalMeterUsage*.asc`` and
+``*DailyMeterUsage*.asc``; ``*.CSV.<n>.asc`` is matched by ``*.csv.*`` (``inbox.matches`` is
+case-insensitive). Content, not the name, decides: :func:`looks_armored` on the bytes the pass
+already holds (or :func:`is_pgp_armored` on a path); never trust the suffix.
 
 Settings (``PgpSettings.from_env``): ``SMT_GNUPG_HOME`` (default ``$GNUPGHOME`` or
 ``~/.gnupg`` of the service user), ``SMT_GNUPG_PASSPHRASE_FILE`` (optional; only for a
@@ -58,7 +68,9 @@ protected key, read at extraction time and handed to gpg through a pipe, never a
 ``SMT_PGP_MAX_BYTES`` (cap on the decrypted zip and on the sum of its uncompressed entries,
 default 64 MiB), ``SMT_PGP_MAX_ENTRIES`` (default 64), ``SMT_GPG_TIMEOUT`` (seconds, default 120).
 The service unit needs write access to the GnuPG home (gpg-agent socket, trustdb); gpg-agent is
-started on demand inside the unit's cgroup and ends with the oneshot service.
+started on demand inside the unit's cgroup and ends with the oneshot service (it caches a given
+passphrase for ``default-cache-ttl`` meanwhile). Keep the home path short or give the user a
+``/run/user/<uid>``: the agent's socket path must fit in 108 bytes.
 
 Why the ``gpg`` binary and not a binding: ``python3-gnupg`` is packaged (Debian 12: 0.4.9) but it
 is itself a wrapper that runs ``gpg`` as a subprocess; calling it directly with ``--status-fd``
@@ -233,7 +245,7 @@ class PgpSettings:
         return raw.decode("utf-8", "strict").splitlines()[0] if raw.strip() else None
 
     def extract(
-        self, path: Path, workdir_parent: Path | None = None
+        self, path: Path, workdir_parent: Path | None = None, *, armored: bytes | None = None
     ) -> contextlib.AbstractContextManager[ExtractedCsv]:
         """:func:`extract_interval_csv` with these settings."""
         return extract_interval_csv(
@@ -245,20 +257,26 @@ class PgpSettings:
             passphrase=self.read_passphrase(),
             timeout=self.timeout,
             gpg_binary=self.gpg_binary,
+            armored=armored,
         )
 
 
 # ------------------------------------------------------------------------------- public API
 
 
+def looks_armored(data: bytes) -> bool:
+    """True if ``data`` starts (after an optional BOM and whitespace) with a PGP message armor."""
+    return data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().startswith(ARMOR_HEADER)
+
+
 def is_pgp_armored(path: Path) -> bool:
-    """True if the file starts (after an optional BOM and whitespace) with a PGP message armor."""
+    """:func:`looks_armored` on the file's first kilobyte (False if it cannot be read)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1024)
     except OSError:
         return False
-    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(ARMOR_HEADER)
+    return looks_armored(head)
 
 
 @contextlib.contextmanager
@@ -272,17 +290,19 @@ def extract_interval_csv(
     passphrase: str | None = None,
     timeout: float = DEFAULT_GPG_TIMEOUT,
     gpg_binary: str = "gpg",
+    armored: bytes | None = None,
 ) -> Iterator[ExtractedCsv]:
     """Decrypt ``path``, open the zip, yield the interval CSV; remove all plaintext on exit.
 
     Raises a :class:`DeliveryError` subclass naming the file and the reason. ``gnupg_home`` None
-    means gpg's default (``$GNUPGHOME`` or ``~/.gnupg``).
+    means gpg's default (``$GNUPGHOME`` or ``~/.gnupg``). ``armored``: the file's bytes if the
+    caller already read (and hashed) them; they are what gets decrypted and digested.
     """
     path = Path(path)
     workdir = Path(tempfile.mkdtemp(prefix="smt-pgp-", dir=workdir_parent))
     try:
         os.chmod(workdir, 0o700)
-        armored, source_sha256 = _read_armored(path, max_total_bytes)
+        armored, source_sha256 = _read_armored(path, max_total_bytes, armored)
         zip_path = workdir / "payload.zip"
         key = _gpg_decrypt(
             path,
@@ -318,8 +338,12 @@ def extract_interval_csv(
 # ---------------------------------------------------------------------------------- decrypt
 
 
-def _read_armored(path: Path, max_total_bytes: int) -> tuple[bytes, str]:
+def _read_armored(path: Path, max_total_bytes: int, given: bytes | None) -> tuple[bytes, str]:
     cap = max_total_bytes * _ARMOR_OVERHEAD + 65536
+    if given is not None:
+        if len(given) > cap:
+            raise ZipTooLarge(path, f"armored file is over {cap} bytes")
+        return given, hashlib.sha256(given).hexdigest()
     try:
         with open(path, "rb") as fh:
             data = fh.read(cap + 1)
