@@ -660,6 +660,9 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path == CONTROL_PREFIX + "requests":
             self._send(_json_answer(200, {"requests": self.double.requests()}))
             return
+        if parts.path == PULL_PATH:
+            self._send(_json_answer(405, {"error": "Method Not Allowed"}, {"Allow": "POST"}))
+            return
         if parts.path in ("/healthz", CONTROL_PREFIX + "health"):
             self._send(_json_answer(200, {"ok": True}))
             return

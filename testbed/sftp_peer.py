@@ -16,6 +16,7 @@ import argparse
 import atexit
 import base64
 import contextlib
+import grp
 import hashlib
 import os
 import pwd
@@ -58,6 +59,21 @@ def _fingerprint(pub_line: str) -> str:
     blob = base64.b64decode(pub_line.split()[1])
     digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii")
     return "SHA256:" + digest.rstrip("=")
+
+
+def _permits(path: Path, uid: int, gids: set[int], mode: int) -> bool:
+    """Would ``uid`` (groups ``gids``) get ``mode`` (os.R_OK/os.X_OK bits) on ``path``?"""
+    st = path.stat()
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        shift = 6
+    elif st.st_gid in gids:
+        shift = 3
+    else:
+        shift = 0
+    granted = (st.st_mode >> shift) & 0o7
+    return granted & mode == mode
 
 
 def _descendants(pid: int) -> list[int]:
@@ -139,6 +155,26 @@ class SftpPeer:
         self.authorized_keys.write_text(pub)
         if not self.host_key.exists():
             self._new_key(self.host_key, "smt-testbed-host")
+        self._check_user_access()
+
+    def _check_user_access(self) -> None:
+        """sshd reads authorized_keys as the login user: fail early, not with a vague auth error."""
+        try:
+            account = pwd.getpwnam(self.user)
+        except KeyError:
+            raise SftpPeerError(f"user {self.user!r} does not exist") from None
+        if account.pw_uid == os.geteuid():
+            return
+        gids = {account.pw_gid, *(g.gr_gid for g in grp.getgrall() if self.user in g.gr_mem)}
+        needs = [(p, os.X_OK) for p in reversed(self.authorized_keys.parents)]
+        needs += [(self.authorized_keys, os.R_OK), (self.root, os.R_OK | os.X_OK)]
+        for path, mode in needs:
+            if not _permits(path, account.pw_uid, gids, mode):
+                raise SftpPeerError(
+                    f"{path} is not accessible to user {self.user}: sshd reads "
+                    f"{self.authorized_keys} as that user (use a workdir whose parents are "
+                    "world-traversable, e.g. mode 0755)"
+                )
 
     def _write_config(self) -> None:
         lines = [
@@ -361,7 +397,8 @@ def _parent(pid: int) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run OpenSSH sshd on 127.0.0.1 as an SFTP test peer; prints the SMT_* env "
-        "lines and runs until SIGTERM/SIGINT."
+        "lines and runs until SIGTERM/SIGINT. SIGUSR1 restarts sshd with a new host key "
+        "(known_hosts keeps the old pin), SIGUSR2 drops live sessions."
     )
     parser.add_argument("--workdir", required=True, help="directory for keys, config and root/")
     parser.add_argument("--port", type=int, default=2222, help="port (0 = pick a free one)")
@@ -375,6 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     except SftpPeerError as exc:
         print(f"sftp_peer: {exc}", file=sys.stderr)
         return 1
+
+    def rotate(*_: object) -> None:
+        peer.rotate_host_key()
+        print(f"# host key rotated: {peer.host_key_fingerprint}", file=sys.stderr, flush=True)
+
+    def drop(*_: object) -> None:
+        count = peer.kill_connections()
+        print(f"# dropped {count} session processes", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, rotate)
+    signal.signal(signal.SIGUSR2, drop)
     for name, value in peer.env().items():
         print(f"{name}={value}")
     print(

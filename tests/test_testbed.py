@@ -9,11 +9,14 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -260,6 +263,11 @@ def test_413_does_not_buffer_body_chunked_upload():
             timeout=10,
         )
         assert resp.status_code == 200, resp.text
+
+
+def test_get_on_upload_path_is_405(webapp):
+    resp = requests.get(webapp.url + PULL_PATH, timeout=5)
+    assert resp.status_code == 405 and resp.headers["Allow"] == "POST"
 
 
 def test_secrets_never_recorded(webapp):
@@ -555,22 +563,56 @@ def test_many_concurrent_sessions(sftp_peer):
         assert list(pool.map(fetch, range(16))) == [b"data"] * 16
 
 
+def _nobody_can_log_in() -> bool:
+    try:
+        return pwd.getpwnam("nobody").pw_uid != os.geteuid() and os.geteuid() == 0
+    except KeyError:
+        return False
+
+
+@pytest.mark.skipif(not _nobody_can_log_in(), reason="needs root and a 'nobody' account")
+def test_other_login_user_with_nologin_shell(tmp_path):
+    """Like the Molecule test bed: sshd as root, a system user with /usr/sbin/nologin logs in."""
+    workdir = Path(tempfile.mkdtemp(prefix="sftp-peer-"))
+    try:
+        workdir.chmod(0o755)
+        with SftpPeer(workdir, user="nobody") as peer:
+            (peer.root / "a.csv").write_bytes(b"x")
+            client = _client(peer)
+            try:
+                assert client.open_sftp().listdir(str(peer.root)) == ["a.csv"]
+            finally:
+                client.close()
+        # pytest's tmp_path (mode 0700) is not readable by nobody: a clear error, not "auth failed"
+        private = tmp_path / "private"
+        with pytest.raises(SftpPeerError, match="not accessible to user nobody"):
+            SftpPeer(private, user="nobody").start()
+    finally:
+        shutil.rmtree(workdir)
+
+
+def test_unknown_user_is_a_clear_error(tmp_path):
+    with pytest.raises(SftpPeerError, match="does not exist"):
+        SftpPeer(tmp_path, user="no-such-user-smt").start()
+
+
 def test_stop_ends_sshd_and_sessions(tmp_path):
     peer = SftpPeer(tmp_path / "peer").start()
     pid = peer.pid
     client = _client(peer)
     peer.stop()
     client.close()
-    assert not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid)
+    assert _gone(pid)
     with pytest.raises(OSError):
         socket.create_connection((peer.host, peer.port), timeout=1).close()
 
 
-def _proc_state(pid: int) -> str:
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie awaiting its reaper counts as exited)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
-        return "gone"
+        return True
 
 
 def test_missing_tool_message_names_the_package():
@@ -598,10 +640,19 @@ def test_sftp_peer_cli_prints_env_and_stops_on_sigterm(tmp_path):
         with socket.create_connection(("127.0.0.1", int(env["SMT_PORT"])), timeout=5) as sock:
             assert sock.recv(64).startswith(b"SSH-2.0-")
         pid = int((tmp_path / "w" / "sshd.pid").read_text())
+        pinned = (tmp_path / "w" / "known_hosts").read_text()
+        old_pub = (tmp_path / "w" / "ssh_host_ed25519_key.pub").read_text()
+        proc.send_signal(signal.SIGUSR1)  # rotate the host key
+        assert "host key rotated" in proc.stderr.readline() + proc.stderr.readline()
+        assert (tmp_path / "w" / "ssh_host_ed25519_key.pub").read_text() != old_pub
+        assert (tmp_path / "w" / "known_hosts").read_text() == pinned
+        new_pid = int((tmp_path / "w" / "sshd.pid").read_text())
+        assert new_pid != pid and _gone(pid)
+        pid = new_pid
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    assert not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid)
+    assert _gone(pid)
 
 
 def test_ingest_env_points_at_the_parts(ingest_env, sftp_peer, webapp, inbox):
