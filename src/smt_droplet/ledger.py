@@ -187,11 +187,13 @@ class Ledger:
         raw = _read_sidecar(ledger.sidecar)
         ledger.hashes = {
             k: v
-            for k, v in raw.get("hashes", {}).items()
+            for k, v in _section(raw, "hashes").items()
             if isinstance(v, list) and len(v) == 3 and isinstance(v[2], str)
         }
-        ledger.outcomes = {k: v for k, v in raw.get("outcomes", {}).items() if isinstance(v, dict)}
-        ledger.apps = {k: v for k, v in raw.get("posted", {}).items() if isinstance(v, dict)}
+        ledger.outcomes = {
+            k: v for k, v in _section(raw, "outcomes").items() if isinstance(v, dict)
+        }
+        ledger.apps = {k: v for k, v in _section(raw, "posted").items() if isinstance(v, dict)}
         ledger._last_save = time.monotonic()
         return ledger
 
@@ -276,6 +278,11 @@ class Ledger:
 def sidecar_path(state_file: Path) -> Path:
     state_file = Path(state_file)
     return state_file.with_name(state_file.name + SIDECAR_SUFFIX)
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

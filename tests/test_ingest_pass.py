@@ -1,0 +1,366 @@
+"""Whole ingest passes against a real sshd and the strict web-app double."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from smt_droplet import spool
+from smt_droplet.ingest import run_pass
+from smt_droplet.ledger import read_posted_digests
+from testbed.intelliwatt_double import IntelliWattDouble
+from testbed.sftp_peer import SftpPeer
+
+REPO = Path(__file__).resolve().parent.parent
+IN_NAME = "10443720000000011"
+IN_CONTENT = "10443720000000022"
+DEFAULT = "10443720000000033"
+OLD = time.time() - 3600
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def env(ingest_env: dict[str, str]) -> dict[str, str]:
+    return {
+        **ingest_env,
+        "SMT_POST_RETRIES": "3",
+        "SMT_RETRY_BASE_DELAY": "0.01",
+        "SMT_RETRY_MAX_DELAY": "0.05",
+        "SMT_SFTP_RETRIES": "1",
+        "SMT_LOCK_WAIT": "30",
+    }
+
+
+def put(peer: SftpPeer, smt_csv, name: str, esiid: str, seed: int = 0, days: int = 1) -> Path:  # type: ignore[no-untyped-def]
+    path = smt_csv.write(peer.root, name=name, esiid=esiid, seed=seed, days=days)
+    os.utime(path, (OLD, OLD))
+    return path
+
+
+@pytest.fixture
+def three_files(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """ESIID only in the name, only in the content (sub-directory, meter M2), in neither."""
+    named = put(sftp_peer, smt_csv, f"IntervalMeterUsage_{IN_NAME}_20250308.csv", IN_NAME, 1)
+    content = put(sftp_peer, smt_csv, "exports/interval_M2_week.csv", IN_CONTENT, 2)
+    neither = sftp_peer.root / "no_esiid_anywhere.csv"
+    neither.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    os.utime(neither, (OLD, OLD))
+    # the name-only file's content says another ESIID: the name must win
+    named.write_bytes(named.read_bytes().replace(IN_NAME.encode(), b"10443720000000099"))
+    os.utime(named, (OLD, OLD))
+    return {"named": named, "content": content, "neither": neither}
+
+
+def by_name(webapp: IntelliWattDouble) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {r["filename"]: r for r in webapp.received()}
+
+
+def test_first_pass_posts_each_file_once_with_esiid_and_meter(
+    env, three_files, webapp, inbox
+) -> None:  # type: ignore[no-untyped-def]
+    result = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
+    assert result.exit_code == 0, result.summary_line()
+    got = by_name(webapp)
+    assert set(got) == {three_files["named"].name, "interval_M2_week.csv", "no_esiid_anywhere.csv"}
+    assert got[three_files["named"].name]["esiid"] == IN_NAME
+    assert got["interval_M2_week.csv"]["esiid"] == IN_CONTENT
+    assert got["interval_M2_week.csv"]["meter"] == "M2"
+    assert got["no_esiid_anywhere.csv"]["esiid"] == DEFAULT
+    assert got["no_esiid_anywhere.csv"]["meter"] == "M1"
+    assert len(webapp.received()) == 3 and not webapp.pull_triggers()
+    for record in webapp.received():
+        assert (
+            record["content"]
+            == (
+                inbox
+                / (
+                    "exports/" + record["filename"]
+                    if "M2" in record["filename"]
+                    else record["filename"]
+                )
+            ).read_bytes()
+        )
+    ledger = read_posted_digests(inbox / ".posted_sha256")
+    assert ledger == {sha(p) for p in three_files.values()}
+
+
+def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    first = run_pass(env)
+    assert first.exit_code == 1
+    assert "no_esiid_anywhere.csv" not in by_name(webapp)
+    assert {f.path: f.outcome for f in first.files}["no_esiid_anywhere.csv"] == "no-esiid"
+    second = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
+    assert second.exit_code == 0
+    assert [r["filename"] for r in webapp.received()][-1] == "no_esiid_anywhere.csv"
+
+
+def test_second_pass_posts_nothing_new_file_only_it(
+    env, three_files, webapp, sftp_peer, smt_csv
+) -> None:  # type: ignore[no-untyped-def]
+    env = {**env, "ESIID_DEFAULT": DEFAULT}
+    run_pass(env)
+    assert len(webapp.requests()) == 3
+    second = run_pass(env)
+    assert second.exit_code == 0 and len(webapp.requests()) == 3
+    assert second.counts() == {"skipped-already-posted": 3}
+    put(sftp_peer, smt_csv, f"IntervalMeterUsage_{IN_NAME}_20250309.csv", IN_NAME, 7)
+    third = run_pass(env)
+    assert third.counts() == {"skipped-already-posted": 3, "posted": 1}
+    assert len(webapp.requests()) == 4
+    assert [r["filename"] for r in webapp.received()[3:]] == [
+        f"IntervalMeterUsage_{IN_NAME}_20250309.csv"
+    ]
+
+
+def test_changed_host_key_refuses_and_posts_nothing(
+    env, three_files, webapp, sftp_peer, inbox, smt_csv
+) -> None:  # type: ignore[no-untyped-def]
+    smt_csv.write(inbox, name=f"upload_{IN_NAME}.csv", esiid=IN_NAME)  # already local
+    sftp_peer.rotate_host_key()
+    result = run_pass(env)
+    assert result.exit_code == 2 and "CHANGED" in (result.fatal or "")
+    assert webapp.requests() == []
+    assert not (inbox / ".posted_sha256").exists()
+
+
+def test_500_twice_then_200_posts_once(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
+    webapp.fail_next(2, 500)
+    result = run_pass(env)
+    assert result.exit_code == 0 and result.counts() == {"posted": 1}
+    assert len(webapp.requests()) == 3 and len(webapp.received()) == 1
+    assert len(read_posted_digests(inbox / ".posted_sha256")) == 1
+
+
+def test_retries_exhausted_leave_file_for_next_pass(env, sftp_peer, smt_csv, webapp) -> None:  # type: ignore[no-untyped-def]
+    put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
+    webapp.fail_next(4, 503 - 1)  # 502, four times = all attempts
+    first = run_pass(env)
+    assert first.exit_code == 1 and first.counts() == {"failed-will-retry": 1}
+    second = run_pass(env)
+    assert second.exit_code == 0 and second.counts() == {"posted": 1}
+
+
+def test_401_stops_the_pass_and_leaves_ledger_untouched(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    state = inbox / ".posted_sha256"
+    state.write_text("0" * 64 + "\n")
+    before = state.read_bytes()
+    result = run_pass({**env, "ADMIN_TOKEN": "not-the-token", "ESIID_DEFAULT": DEFAULT})
+    assert result.exit_code == 2
+    assert len(webapp.requests()) == 1  # stopped at the first 401
+    assert webapp.received() == []
+    assert state.read_bytes() == before
+
+
+def test_oversized_file_is_marked_and_never_sent(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    big = sftp_peer.root / f"big_{IN_NAME}.csv"
+    big.write_bytes(os.urandom(1_200_000))
+    os.utime(big, (OLD, OLD))
+    put(sftp_peer, smt_csv, f"small_{IN_NAME}.csv", IN_NAME)
+    env = {**env, "SMT_MAX_BODY_BYTES": "1000000"}
+    first = run_pass(env)
+    assert first.counts() == {"too-large": 1, "posted": 1} and first.exit_code == 0
+    reason = {f.path: f.reason for f in first.files}[big.name]
+    assert "cap=1000000" in reason and "body=" in reason
+    second = run_pass(env)
+    assert second.counts() == {"skipped-too-large": 1, "skipped-already-posted": 1}
+    assert len(webapp.requests()) == 1
+    assert [r["filename"] for r in webapp.received()] == [f"small_{IN_NAME}.csv"]
+
+
+def test_rejected_file_is_not_retried_until_forgotten(
+    env, sftp_peer, smt_csv, webapp, inbox
+) -> None:  # type: ignore[no-untyped-def]
+    path = put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
+    webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_DISABLED"})
+    first = run_pass(env)
+    assert first.counts() == {"rejected": 1} and first.files[0].reason == "INLINE_DISABLED"
+    assert run_pass(env).counts() == {"skipped-rejected": 1}
+    assert len(webapp.requests()) == 1
+    cli = subprocess.run(
+        [sys.executable, "-m", "smt_droplet", "forget", str(inbox / path.name)],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert run_pass(env).counts() == {"posted": 1}
+
+
+def test_growing_remote_file_is_not_posted_that_pass(env, sftp_peer, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    growing = sftp_peer.root / f"IntervalMeterUsage_{IN_NAME}_grow.csv"
+    growing.write_bytes(b"ESIID,USAGE_KWH\n" + b"'10443720000000011,1.0\n" * 800_000)
+    stop = threading.Event()
+
+    def writer() -> None:
+        with open(growing, "ab") as fh:
+            while not stop.is_set():
+                fh.write(b"'10443720000000011,2.0\n" * 50)
+                fh.flush()
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        first = run_pass(env)
+    finally:
+        stop.set()
+        thread.join()
+    assert first.exit_code == 0 and webapp.requests() == []
+    assert [f.status for f in first.sync.files] == ["skipped-growing"]
+    os.utime(growing, (OLD, OLD))
+    second = run_pass(env)
+    assert second.counts() == {"posted": 1}
+    assert webapp.received()[0]["content"] == growing.read_bytes()
+
+
+def test_existing_old_ledger_is_honoured(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    # An old droplet: files already mirrored and posted, CRLF ledger from a Windows editor.
+    for p in three_files.values():
+        target = inbox / p.relative_to(
+            p.parents[len(p.relative_to(three_files["named"].parent).parts) - 1]
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    digests = [sha(p) for p in three_files.values()]
+    (inbox / ".posted_sha256").write_bytes("".join(d + "\r\n" for d in digests[:2]).encode())
+    result = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
+    assert result.exit_code == 0
+    assert [r["sha256"] for r in webapp.received()] == [digests[2]]
+
+
+def test_sync_failure_still_posts_local_files_and_exits_1(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    smt_csv.write(inbox, name=f"upload_{IN_NAME}.csv", esiid=IN_NAME)
+    result = run_pass({**env, "SMT_PORT": "1", "SMT_SFTP_RETRIES": "0"})
+    assert result.exit_code == 1 and result.sync_error
+    assert result.counts() == {"posted": 1}
+
+
+def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queue_dir = Path(env["SMT_SPOOL_DIR"])
+    spool.ensure_layout(queue_dir)
+    smt_csv.write(inbox, name=f"posted_before_{IN_NAME}.csv", esiid=IN_NAME, seed=3)
+    anon = inbox / "customer_upload.csv"
+    anon.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    other = inbox / "other_upload.csv"
+    other.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/9/2025,2.0\n")
+    assert run_pass({**env, "ESIID_DEFAULT": DEFAULT}, sync=False).counts()["posted"] == 3
+    webapp.reset()
+    (inbox / ".posted_sha256").write_text(sha(inbox / f"posted_before_{IN_NAME}.csv") + "\n")
+    spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT, meter="M4", force_repost=True)
+    spool.enqueue(queue_dir, "upload", filename="other_upload.csv", esiid=IN_NAME)
+    result = run_pass(env, sync=False)
+    assert result.exit_code == 0 and result.requests == 2
+    got = by_name(webapp)
+    assert got["customer_upload.csv"]["esiid"] == IN_CONTENT  # run default from the webhook
+    assert got["customer_upload.csv"]["meter"] == "M4"
+    assert got["other_upload.csv"]["esiid"] == IN_NAME  # the upload's own ESIID
+    assert f"posted_before_{IN_NAME}.csv" in got  # force_repost re-posted a ledger file
+    assert spool.depth(queue_dir) == 0 and not list((queue_dir / "processing").iterdir())
+    last = spool.read_last_result(queue_dir)
+    # the app was reset, so all three are new to it again
+    assert last is not None and last["exit_code"] == 0 and last["counts"] == {"posted": 3}
+    assert "finished_at" in last and last["requests"] == 2
+
+
+def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    queue_dir = Path(env["SMT_SPOOL_DIR"])
+    spool.ensure_layout(queue_dir)
+    (inbox / "anon.csv").write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    spool.enqueue(queue_dir, "webhook", esiid=IN_NAME)
+    spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT)
+    result = run_pass(env, sync=False)
+    assert result.counts() == {"no-esiid": 1} and webapp.requests() == []
+    assert spool.depth(queue_dir) == 0  # consumed anyway: the timer retries, no .path loop
+    last = spool.read_last_result(queue_dir)
+    assert last is not None and last["exit_code"] == 1
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
+    return subprocess.run(
+        [sys.executable, "-m", "smt_droplet", *args],
+        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        **kw,
+    )
+
+
+def test_cli_ingest_with_env_file_logs_per_file_and_never_the_token(
+    env, three_files, webapp, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    env_file = tmp_path / "intelliwatt-smt"
+    env_file.write_text(
+        "".join(f'{k}="{v}"\r\n' for k, v in {**env, "ESIID_DEFAULT": DEFAULT}.items())
+    )
+    proc = cli(["ingest", "--env-file", str(env_file)], {})
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert f"posted IntervalMeterUsage_{IN_NAME}_20250308.csv esiid={IN_NAME} meter=M1" in err
+    assert "sha256=" in err and "id=" in err
+    assert "summary posted=3 duplicate=0" in err
+    assert env["ADMIN_TOKEN"] not in err + proc.stdout
+    again = cli(["ingest", "--env-file", str(env_file)], {})
+    assert again.returncode == 0 and "skipped-already-posted=3" in again.stderr
+
+
+def test_cli_missing_setting_exits_2_before_network(env, webapp) -> None:  # type: ignore[no-untyped-def]
+    partial = {k: v for k, v in env.items() if k != "SMT_HOST"}
+    proc = cli(["ingest"], partial)
+    assert proc.returncode == 2 and "SMT_HOST is not set" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cli(["ingest"], {**env, "SMT_KEY": "/nonexistent/key"})
+    assert proc.returncode == 2 and "SMT_KEY" in proc.stderr
+    assert webapp.requests() == []
+
+
+def test_cli_ingest_without_aiohttp(env, three_files, webapp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "aiohttp.py").write_text("raise ImportError('aiohttp must not be imported')\n")
+    proc = cli(
+        ["ingest"],
+        {**env, "ESIID_DEFAULT": DEFAULT, "PYTHONPATH": f"{blocker}:{REPO / 'src'}"},
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    path = smt_csv.write(inbox, name="manual.csv", esiid=IN_NAME)
+    status = json.loads(cli(["status", "--json"], env).stdout)
+    assert [(f["path"], f["state"]) for f in status["files"]] == [("manual.csv", "pending")]
+    proc = cli(["post", str(path), "--esiid", IN_CONTENT, "--meter", "M7"], env)
+    assert proc.returncode == 0, proc.stderr
+    record = webapp.received()[0]
+    assert (record["esiid"], record["meter"]) == (IN_CONTENT, "M7")
+    again = cli(["post", str(path)], env)
+    assert again.returncode == 0 and "skipped-already-posted" in again.stderr
+    assert len(webapp.requests()) == 1
+    status = json.loads(cli(["status", "--json"], env).stdout)
+    assert status["files"][0]["state"] == "posted" and status["files"][0]["app_id"] == "1"
+    assert cli(["forget", sha(path)], env).returncode == 0
+    assert read_posted_digests(inbox / ".posted_sha256") == set()
+    assert cli(["post", str(path)], env).returncode == 0
+    assert webapp.received()[-1]["duplicate"] is True
+    human = cli(["status"], env).stdout
+    assert "posted" in human and "manual.csv" in human
+    assert cli(["post", str(path), "--esiid", "123"], env).returncode == 2

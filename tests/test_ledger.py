@@ -1,0 +1,189 @@
+"""The ledger file (old droplets' format), its sidecar, and the pass lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smt_droplet.ledger import (
+    Ledger,
+    append_posted,
+    read_posted_digests,
+    remove_digests,
+    sidecar_path,
+)
+from smt_droplet.lock import LockBusy, PassLock, lock_path_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sha(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def test_read_missing_file_is_empty(tmp_path: Path) -> None:
+    assert read_posted_digests(tmp_path / "nope") == set()
+
+
+def test_read_tolerates_crlf_blank_upper_and_garbage(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    text = f"{sha(1)}\r\n\r\n  {sha(2).upper()}  \nnot-a-digest\n{sha(3)[:-1]}\n"
+    state.write_bytes(text.encode() + b"\xff\xfe\n" + sha(4).encode())
+    assert read_posted_digests(state) == {sha(1), sha(2), sha(4)}
+
+
+def test_append_writes_one_line_per_digest_in_old_format(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    append_posted(state, sha(1))
+    append_posted(state, sha(2).upper())
+    assert state.read_text() == f"{sha(1)}\n{sha(2)}\n"
+
+
+def test_append_after_torn_line_does_not_swallow_the_new_digest(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    state.write_text(f"{sha(1)}\n{sha(2)[:20]}")  # killed mid-write by some older tool
+    append_posted(state, sha(3))
+    assert read_posted_digests(state) == {sha(1), sha(3)}
+
+
+def test_append_rejects_non_digests(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a sha256"):
+        append_posted(tmp_path / "s", "abc")
+
+
+def test_remove_rewrites_atomically_and_keeps_mode(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    state.write_text(f"{sha(1)}\r\n{sha(2)}\n{sha(1)}\ngarbage\n")
+    os.chmod(state, 0o640)
+    inode = state.stat().st_ino
+    assert remove_digests(state, {sha(1)}) == 2
+    assert state.read_text() == f"{sha(2)}\n"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o640
+    assert state.stat().st_ino != inode  # replaced by rename, never truncated in place
+    assert [p.name for p in tmp_path.iterdir()] == [".posted_sha256"]  # no temp left
+
+
+def test_remove_of_unknown_digest_leaves_file_alone(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    state.write_text(f"{sha(1)}\n")
+    inode = state.stat().st_ino
+    assert remove_digests(state, {sha(9)}) == 0
+    assert state.stat().st_ino == inode
+
+
+def test_ledger_records_and_sidecar_roundtrip(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    ledger = Ledger.load(state)
+    ledger.remember_digest("a.csv", 10, 123, sha(1))
+    ledger.record_posted(sha(1), "a.csv", "42", duplicate=False)
+    ledger.record_outcome(sha(2), "rejected", "MISSING_ESIID", "b.csv")
+    # The ledger line is durable before save() is ever called.
+    assert read_posted_digests(state) == {sha(1)}
+    ledger.save()
+    again = Ledger.load(state)
+    assert again.is_posted(sha(1))
+    assert again.cached_digest("a.csv", 10, 123) == sha(1)
+    assert again.cached_digest("a.csv", 11, 123) is None  # size changed → re-hash
+    assert again.cached_digest("a.csv", 10, 124) is None  # mtime changed → re-hash
+    assert again.apps[sha(1)]["id"] == "42"
+    outcome = again.outcome(sha(2))
+    assert outcome is not None and outcome.status == "rejected"
+    assert outcome.reason == "MISSING_ESIID"
+
+
+def test_forget_clears_ledger_and_outcome(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    ledger = Ledger.load(state)
+    ledger.record_posted(sha(1), "a.csv", "1", duplicate=False)
+    ledger.record_posted(sha(2), "b.csv", "2", duplicate=False)
+    ledger.record_outcome(sha(3), "too-large", "body=9 cap=1", "c.csv")
+    assert ledger.forget({sha(1), sha(3)}) == 1
+    ledger.save()
+    assert read_posted_digests(state) == {sha(2)}
+    again = Ledger.load(state)
+    assert not again.is_posted(sha(1)) and again.outcome(sha(3)) is None
+
+
+def test_corrupt_sidecar_is_ignored(tmp_path: Path) -> None:
+    state = tmp_path / ".posted_sha256"
+    state.write_text(f"{sha(1)}\n")
+    sidecar_path(state).write_text("{not json")
+    ledger = Ledger.load(state)
+    assert ledger.is_posted(sha(1)) and ledger.hashes == {}
+    sidecar_path(state).write_text(json.dumps({"hashes": {"x": "bad"}, "outcomes": []}))
+    assert Ledger.load(state).hashes == {}
+
+
+# -- the lock ---------------------------------------------------------------------------------
+
+
+def test_lock_is_beside_the_ledger(tmp_path: Path) -> None:
+    assert lock_path_for(tmp_path / ".posted_sha256") == tmp_path / ".posted_sha256.lock"
+
+
+def test_second_holder_waits_then_gives_up(tmp_path: Path) -> None:
+    path = tmp_path / ".lock"
+    with PassLock(path, wait=0):
+        began = time.monotonic()
+        with pytest.raises(LockBusy, match=f"pid {os.getpid()}"):
+            PassLock(path, wait=0.3, poll=0.05).acquire()
+        assert 0.25 <= time.monotonic() - began < 2
+    with PassLock(path, wait=0):  # released
+        pass
+
+
+def _hold_lock_in_child(path: Path) -> subprocess.Popen[bytes]:
+    code = (
+        "import sys,time; sys.path.insert(0, sys.argv[2]);"
+        "from smt_droplet.lock import PassLock;"
+        "l = PassLock(sys.argv[1], wait=0); l.acquire(); print('held', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(path), str(REPO / "src")], stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == b"held"
+    return child
+
+
+def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
+    path = tmp_path / ".lock"
+    child = _hold_lock_in_child(path)
+    try:
+        with pytest.raises(LockBusy):
+            PassLock(path, wait=0).acquire()
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+        with PassLock(path, wait=2):
+            pass
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_waiting_holder_gets_the_lock_when_released(tmp_path: Path) -> None:
+    path = tmp_path / ".lock"
+    child = _hold_lock_in_child(path)
+    try:
+        began = time.monotonic()
+        # release after ~0.3 s by terminating the holder
+        import threading
+
+        threading.Timer(0.3, child.terminate).start()
+        with PassLock(path, wait=10, poll=0.02):
+            waited = time.monotonic() - began
+        assert 0.2 < waited < 5
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
