@@ -198,3 +198,117 @@ class PostSettings:
 def spool_dir(env: Mapping[str, str]) -> Path:
     """The queue the webhook and the upload server write and the ingest pass consumes."""
     return Path(_get(env, "SMT_SPOOL_DIR", DEFAULT_SPOOL_DIR) or DEFAULT_SPOOL_DIR)
+
+
+WEBHOOK_SECRET_NAMES = ("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET")
+SIGNATURE_MODES = ("off", "accept", "require")
+UPLOAD_ROLES = ("admin", "customer")
+DEFAULT_UPLOAD_STATE = "/var/lib/smt-upload/ratelimit.sqlite3"
+
+
+def _bind(env: Mapping[str, str], name: str) -> str:
+    value = _get(env, name, "0.0.0.0") or "0.0.0.0"  # noqa: S104 - a front door; UFW limits it
+    if any(ch.isspace() for ch in value):
+        raise ConfigError(f"{name}={value!r} is not an address")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, minimum=0)  # 0 = any free port (tests)
+    if value > 65535:
+        raise ConfigError(f"{name}={value} is not a TCP port")
+    return value
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """``smt-droplet webhook-server``: ``POST /trigger/smt-now`` queues an ingest pass."""
+
+    secret: str = field(repr=False)
+    spool_dir: Path
+    bind: str = "0.0.0.0"  # noqa: S104
+    port: int = 8787
+    max_queued: int = 20
+    retry_after: int = 30
+    max_body_bytes: int = 64 * 1024
+    signature: str = "off"
+    signature_window: float = 300.0
+    shutdown_grace: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WebhookSettings:
+        secret = None
+        for name in WEBHOOK_SECRET_NAMES:
+            secret = _get(env, name)
+            if secret is not None:
+                break
+        if secret is None:
+            raise ConfigError(
+                "INTELLIWATT_WEBHOOK_SECRET (alias DROPLET_WEBHOOK_SECRET) is not set or empty: "
+                "the webhook refuses to start without a secret"
+            )
+        return cls(
+            secret=secret,
+            spool_dir=spool_dir(env),
+            bind=_bind(env, "SMT_WEBHOOK_BIND"),
+            port=_port(env, "SMT_WEBHOOK_PORT", 8787),
+            max_queued=_int(env, "SMT_WEBHOOK_MAX_QUEUED", 20, minimum=1),
+            retry_after=_int(env, "SMT_WEBHOOK_RETRY_AFTER", 30, minimum=1),
+            signature=_choice(env, "SMT_WEBHOOK_SIGNATURE", SIGNATURE_MODES),
+            signature_window=_float(env, "SMT_WEBHOOK_SIGNATURE_WINDOW", 300.0, minimum=1.0),
+            shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
+        )
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """``smt-droplet upload-server``: ``POST /upload`` stores a CSV and queues an ingest pass."""
+
+    inbox: Path
+    spool_dir: Path
+    state_db: Path
+    state_file: Path
+    token: str | None = field(default=None, repr=False)
+    bind: str = "0.0.0.0"  # noqa: S104
+    port: int = 8080
+    max_bytes: int = 25 * 1024 * 1024
+    admin_limit: int = 50
+    admin_window: float = 24 * 3600.0
+    customer_limit: int = 5
+    customer_window: float = 30 * 24 * 3600.0
+    default_role: str = "admin"
+    cors_origin: str | None = None
+    body_timeout: float = 600.0
+    shutdown_grace: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> UploadSettings:
+        inbox = Path(_require(env, "SMT_LOCAL_DIR"))
+        cors = _get(env, "SMT_UPLOAD_CORS_ORIGIN")
+        if cors is not None and not cors.startswith(("https://", "http://")):
+            raise ConfigError(
+                f"SMT_UPLOAD_CORS_ORIGIN={cors!r} must be an origin like https://host"
+            )
+        role = _get(env, "SMT_UPLOAD_DEFAULT_ROLE", "admin") or "admin"
+        if role not in UPLOAD_ROLES:
+            raise ConfigError(f"SMT_UPLOAD_DEFAULT_ROLE={role!r} must be one of admin, customer")
+        return cls(
+            inbox=inbox,
+            spool_dir=spool_dir(env),
+            state_db=Path(_get(env, "SMT_UPLOAD_STATE", DEFAULT_UPLOAD_STATE) or ""),
+            state_file=Path(_get(env, "STATE_FILE") or inbox / LEDGER_BASENAME),
+            token=_get(env, "SMT_UPLOAD_TOKEN"),
+            bind=_bind(env, "SMT_UPLOAD_BIND"),
+            port=_port(env, "SMT_UPLOAD_PORT", 8080),
+            max_bytes=_int(env, "SMT_UPLOAD_MAX_BYTES", 25 * 1024 * 1024, minimum=1),
+            admin_limit=_int(env, "SMT_ADMIN_UPLOAD_DAILY_LIMIT", 50),
+            admin_window=_float(env, "SMT_ADMIN_UPLOAD_WINDOW_SECONDS", 24 * 3600.0, minimum=1.0),
+            customer_limit=_int(env, "SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT", 5),
+            customer_window=_float(
+                env, "SMT_CUSTOMER_UPLOAD_WINDOW_SECONDS", 30 * 24 * 3600.0, minimum=1.0
+            ),
+            default_role=role,
+            cors_origin=cors.rstrip("/") if cors else None,
+            body_timeout=_float(env, "SMT_UPLOAD_BODY_TIMEOUT", 600.0, minimum=1.0),
+            shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
+        )

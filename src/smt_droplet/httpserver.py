@@ -1,0 +1,235 @@
+"""What the two front doors (webhook, upload server) share: access log, JSON errors, secret
+comparison, and a run loop with a clean SIGTERM.
+
+Written against aiohttp 3.8 (Debian 12's python3-aiohttp) and newer; nothing here needs a later
+API. Shutdown on SIGTERM/SIGINT: the listening socket closes first (no new connections), requests
+in flight get ``grace`` seconds to finish, then their handlers are cancelled; handlers clean up
+their own partial files in ``finally`` blocks, and ``on_stop`` runs last as a backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("smt_droplet.http")
+
+EXIT_OK = 0
+EXIT_RETRY = 1
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+OUTCOME = "smt_outcome"
+BYTES_IN = "smt_bytes_in"
+
+
+def secrets_equal(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a header value with a configured secret."""
+    if given is None:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+def json_error(
+    request: web.Request,
+    status: int,
+    error: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """``{"ok": false, "error": CODE, "message": ...}`` and the outcome for the access log."""
+    request[OUTCOME] = error
+    body: dict[str, Any] = {"ok": False, "error": error, "message": message}
+    body.update(extra)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def set_outcome(request: web.Request, outcome: str, bytes_in: int | None = None) -> None:
+    request[OUTCOME] = outcome
+    if bytes_in is not None:
+        request[BYTES_IN] = bytes_in
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    text = text[:limit]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def log_access(request: web.Request, status: int | str, out_bytes: int, started: float) -> None:
+    """One line per request: method, path, status, bytes in/out, client, outcome, duration."""
+    log.info(
+        "%s %s %s in=%d out=%d client=%s outcome=%s %.1fms",
+        request.method,
+        _printable(request.rel_url.raw_path),
+        status,
+        request.get(BYTES_IN) or getattr(request.content, "total_bytes", 0),
+        out_bytes,
+        request.remote or "-",
+        request.get(OUTCOME, "-"),
+        (time.monotonic() - started) * 1000.0,
+    )
+
+
+class RequestTracker:
+    """Access log and in-flight accounting for one app; used by :func:`run_app` to drain.
+
+    aiohttp's own shutdown stops reading from connections at once (and 3.8 cancels handlers
+    immediately), so an upload whose body is still arriving could never finish. The run loop
+    therefore closes the listening socket first, waits until no request is in flight (or the
+    grace period ends), and only then lets aiohttp close what is left.
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        if self.draining:
+            request[OUTCOME] = "shutting_down"
+            response = web.json_response(
+                {"ok": False, "error": "shutting_down"}, status=503, headers={"Retry-After": "5"}
+            )
+            response.force_close()
+            log_access(request, 503, response.content_length or 0, started)
+            return response
+        self.active += 1
+        try:
+            return await self._logged(request, handler, started)
+        finally:
+            self.active -= 1
+            if self.active == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def _logged(
+        self, request: web.Request, handler: Handler, started: float
+    ) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # the router's 404/405, aiohttp's own 413
+            request.setdefault(OUTCOME, exc.reason.lower().replace(" ", "_"))
+            log_access(request, exc.status, len(exc.text or ""), started)
+            raise
+        except asyncio.CancelledError:
+            request.setdefault(OUTCOME, "cancelled")
+            log_access(request, "-", 0, started)
+            raise
+        except Exception:
+            log.exception("%s %s: unexpected error", request.method, request.rel_url.raw_path)
+            request[OUTCOME] = "internal_error"
+            response = web.json_response({"ok": False, "error": "internal_error"}, status=500)
+        log_access(request, response.status, response.content_length or 0, started)
+        return response
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new requests and wait up to ``grace`` s for those in flight; True if idle."""
+        self.draining = True
+        if self.active == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _runner_and_site_kwargs(grace: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``shutdown_timeout`` moved from TCPSite (3.8) to AppRunner (3.9+)."""
+    runner_params = inspect.signature(web.BaseRunner.__init__).parameters
+    if "shutdown_timeout" in runner_params:
+        return {"shutdown_timeout": grace}, {}
+    return {}, {"shutdown_timeout": grace}
+
+
+async def _serve(
+    app: web.Application,
+    tracker: RequestTracker,
+    name: str,
+    bind: str,
+    port: int,
+    grace: float,
+    describe: str,
+    on_stop: Callable[[], None] | None,
+) -> int:
+    runner_kw, site_kw = _runner_and_site_kwargs(min(grace, 1.0))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_kw)
+    await runner.setup()
+    site = web.TCPSite(runner, bind, port, reuse_address=True, **site_kw)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("%s: cannot listen on %s:%d: %s", name, bind, port, exc.strerror or exc)
+        await runner.cleanup()
+        return EXIT_RETRY
+    addresses = runner.addresses
+    actual_port = addresses[0][1] if addresses else port
+    log.info("%s listening on http://%s:%d %s", name, bind, actual_port, describe)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def _on_signal(signame: str) -> None:
+        received.append(signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig.name)
+    try:
+        await stop.wait()
+        log.info(
+            "%s: %s received, draining %d request(s) in flight (grace %.1fs)",
+            name,
+            received[0],
+            tracker.active,
+            grace,
+        )
+        listener = getattr(site, "_server", None)  # asyncio.Server: stop accepting first
+        if listener is not None:
+            listener.close()
+        if not await tracker.drain(grace):
+            log.warning("%s: %d request(s) still in flight; cancelling", name, tracker.active)
+        try:
+            # Bounded: some aiohttp/Python pairs wait for idle keep-alive connections here.
+            await asyncio.wait_for(runner.cleanup(), timeout=10.0)
+        except TimeoutError:
+            log.warning("%s: shutdown did not finish in time; exiting anyway", name)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if on_stop is not None:
+            on_stop()
+    log.info("%s stopped", name)
+    return EXIT_OK
+
+
+def run_app(
+    app: web.Application,
+    tracker: RequestTracker,
+    *,
+    name: str,
+    bind: str,
+    port: int,
+    grace: float,
+    describe: str = "",
+    on_stop: Callable[[], None] | None = None,
+) -> int:
+    """Serve ``app`` until SIGTERM/SIGINT; returns the process exit code (0 after a clean stop)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_serve(app, tracker, name, bind, port, grace, describe, on_stop))
+    return EXIT_OK

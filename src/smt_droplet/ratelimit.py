@@ -1,0 +1,124 @@
+"""Sliding-window upload limits that survive a restart (one small SQLite file).
+
+Each accepted upload is one row ``(key, ts)``. A request may go ahead when fewer than ``limit``
+rows for its key fall inside the last ``window`` seconds. The upload server *reserves* a slot
+before it reads the body (so concurrent uploads cannot overshoot the limit) and *releases* it
+when the upload is rejected after all (too large, not a CSV, cut off), so only uploads that were
+received count. The seed deployment kept these counters in memory and lost them on every restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_key_ts ON uploads (key, ts);
+"""
+
+
+class RateLimitError(OSError):
+    """The limiter's database cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :meth:`RateLimiter.reserve`."""
+
+    allowed: bool
+    key: str
+    limit: int
+    remaining: int
+    reset_at: float  # epoch seconds when the oldest counted upload leaves the window
+    retry_after: int  # seconds; 0 when allowed
+    reservation: int | None = None  # row id to release if the upload fails
+
+
+class RateLimiter:
+    """A persistent sliding-window counter per key. Not thread-safe; one per event loop."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Create it group-writable before SQLite does (SQLite would use 0644).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+            os.close(fd)
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RateLimitError(f"cannot open the upload limiter database {path}: {exc}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def reserve(self, key: str, limit: int, window: float) -> Decision:
+        """Count one upload for ``key`` if it is under ``limit`` in the last ``window`` s."""
+        now = self._clock()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "DELETE FROM uploads WHERE key = ? AND ts <= ?", (key, now - window)
+                )
+                count, oldest = self._db.execute(
+                    "SELECT COUNT(*), MIN(ts) FROM uploads WHERE key = ?", (key,)
+                ).fetchone()
+                if count >= limit:
+                    self._db.execute("COMMIT")
+                    reset_at = (oldest if oldest is not None else now) + window
+                    return Decision(
+                        allowed=False,
+                        key=key,
+                        limit=limit,
+                        remaining=0,
+                        reset_at=reset_at,
+                        retry_after=max(1, int(reset_at - now + 0.999)),
+                    )
+                cursor = self._db.execute("INSERT INTO uploads (key, ts) VALUES (?, ?)", (key, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise RateLimitError(f"upload limiter database {self.path}: {exc}") from exc
+        return Decision(
+            allowed=True,
+            key=key,
+            limit=limit,
+            remaining=max(0, limit - count - 1),
+            reset_at=(oldest if oldest is not None else now) + window,
+            retry_after=0,
+            reservation=cursor.lastrowid,
+        )
+
+    def release(self, reservation: int | None) -> None:
+        """Give back a slot reserved for an upload that was not accepted after all."""
+        if reservation is None:
+            return
+        try:
+            self._db.execute("DELETE FROM uploads WHERE id = ?", (reservation,))
+        except sqlite3.Error as exc:
+            raise RateLimitError(f"upload limiter database {self.path}: {exc}") from exc
+
+    def count(self, key: str, window: float) -> int:
+        """Uploads counted for ``key`` in the last ``window`` seconds."""
+        (n,) = self._db.execute(
+            "SELECT COUNT(*) FROM uploads WHERE key = ? AND ts > ?", (key, self._clock() - window)
+        ).fetchone()
+        return int(n)

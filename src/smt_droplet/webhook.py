@@ -1,0 +1,268 @@
+"""``smt-droplet webhook-server``: ``POST /trigger/smt-now`` queues one ingest pass.
+
+The web app calls this to make the droplet pull from SMT now. The server never runs the ingest:
+it validates the caller and the JSON body, writes one request into the spool (fsynced) and
+answers 202 within milliseconds; ``smt-ingest.path`` starts the pass. Nothing from the request
+reaches a shell; the request fields travel only as JSON in the spool file.
+
+Auth: one of ``x-intelliwatt-secret``, ``x-smt-secret``, ``x-webhook-secret`` equal to
+``INTELLIWATT_WEBHOOK_SECRET`` (constant time). With ``SMT_WEBHOOK_SIGNATURE=accept`` a caller
+may instead sign: ``x-smt-timestamp: <unix seconds>`` and
+``x-smt-signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>``, accepted within
+``SMT_WEBHOOK_SIGNATURE_WINDOW`` seconds of the server's clock; ``require`` makes the signature
+mandatory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import spool
+from .config import WebhookSettings
+from .httpserver import (
+    RequestTracker,
+    json_error,
+    run_app,
+    secrets_equal,
+    set_outcome,
+)
+
+log = logging.getLogger("smt_droplet.webhook")
+
+SECRET_HEADERS = ("x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret")
+TIMESTAMP_HEADER = "x-smt-timestamp"
+SIGNATURE_HEADER = "x-smt-signature"
+MAX_REASON = 200
+
+_ESIID = re.compile(r"\d{17}\Z")
+_METER = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A validated ``/trigger/smt-now`` body."""
+
+    reason: str | None = None
+    esiid: str | None = None
+    meter: str | None = None
+    force_repost: bool = False
+
+
+class TriggerError(ValueError):
+    """The body is not acceptable; ``code`` goes into the 400 response."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def parse_trigger(body: bytes) -> Trigger:
+    """Validate the optional JSON body ``{reason, esiid, meter, forceRepost}``.
+
+    An empty body is a plain trigger. Unknown fields are ignored. ``esiid`` must be 17 digits
+    (a string, or an integer; one leading/trailing apostrophe as SMT writes it is tolerated);
+    ``meter`` is a short identifier; ``forceRepost`` must be a JSON boolean; ``reason`` is free
+    text, cut to 200 characters with control characters removed.
+    """
+    if body.strip() == b"":
+        return Trigger()
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise TriggerError("bad_json", "body is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise TriggerError("bad_json", "body must be a JSON object")
+
+    reason = data.get("reason")
+    if not _blank(reason) and not isinstance(reason, str):
+        raise TriggerError("bad_reason", "reason must be a string")
+    reason = None if _blank(reason) else _CONTROL.sub(" ", reason.strip())[:MAX_REASON]
+
+    esiid = data.get("esiid")
+    if isinstance(esiid, bool) or not (_blank(esiid) or isinstance(esiid, str | int)):
+        raise TriggerError("bad_esiid", "esiid must be a 17-digit string")
+    if _blank(esiid):
+        esiid = None
+    else:
+        esiid = str(esiid).strip()
+        if esiid.startswith("'"):
+            esiid = esiid[1:]
+        if esiid.endswith("'"):
+            esiid = esiid[:-1]
+        if not _ESIID.match(esiid):
+            raise TriggerError("bad_esiid", "esiid must be exactly 17 digits")
+
+    meter = data.get("meter")
+    if _blank(meter):
+        meter = None
+    elif not isinstance(meter, str) or not _METER.match(meter.strip()):
+        raise TriggerError("bad_meter", "meter must be 1-32 characters of A-Z a-z 0-9 . _ -")
+    else:
+        meter = meter.strip()
+
+    force = data.get("forceRepost")
+    if force is None:
+        force = False
+    elif not isinstance(force, bool):
+        raise TriggerError("bad_force_repost", "forceRepost must be true or false")
+    return Trigger(reason=reason, esiid=esiid, meter=meter, force_repost=force)
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``x-smt-signature`` value a caller sends: ``sha256=<hex>``."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+class WebhookService:
+    """The handlers; holds the settings (no module-level state)."""
+
+    def __init__(self, settings: WebhookSettings, clock: Any = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+
+    def _secret_ok(self, request: web.Request) -> bool:
+        ok = False
+        for name in SECRET_HEADERS:
+            # Compare every present header (no early exit that would time the header order).
+            ok |= secrets_equal(request.headers.get(name), self.settings.secret)
+        return ok
+
+    def _signature_ok(self, request: web.Request, body: bytes) -> bool:
+        stamp = request.headers.get(TIMESTAMP_HEADER, "")
+        given = request.headers.get(SIGNATURE_HEADER, "")
+        try:
+            age = abs(self._clock() - float(stamp))
+        except ValueError:
+            return False
+        if age > self.settings.signature_window:
+            return False
+        return secrets_equal(given, sign(self.settings.secret, stamp, body))
+
+    async def _read_capped(self, request: web.Request) -> bytes | None:
+        """The body, or ``None`` as soon as it exceeds the cap (the rest is not read)."""
+        cap = self.settings.max_body_bytes
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = await request.content.read(16384)
+            if not chunk:
+                break
+            total += len(chunk)
+            set_outcome(request, "reading", total)
+            if total > cap:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def trigger(self, request: web.Request) -> web.Response:
+        mode = self.settings.signature
+        secret_ok = self._secret_ok(request) and mode != "require"
+        has_signature = SIGNATURE_HEADER in request.headers
+        if not secret_ok and (mode == "off" or not has_signature):
+            return json_error(request, 401, "unauthorized", "missing or wrong webhook secret")
+
+        cap = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > cap:
+            return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
+
+        queued = spool.depth(self.settings.spool_dir)
+        if queued >= self.settings.max_queued:
+            return json_error(
+                request,
+                429,
+                "queue_full",
+                f"{queued} ingest requests already queued; try again later",
+                headers={"Retry-After": str(self.settings.retry_after)},
+                queued=queued,
+            )
+
+        body = await self._read_capped(request)
+        if body is None:
+            return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
+        if not secret_ok and not self._signature_ok(request, body):
+            return json_error(request, 401, "unauthorized", "bad or expired signature")
+        try:
+            trigger = parse_trigger(body)
+        except TriggerError as exc:
+            return json_error(request, 400, exc.code, exc.message)
+
+        loop = asyncio.get_running_loop()
+        try:
+            queued_request = await loop.run_in_executor(
+                None,
+                lambda: spool.enqueue(
+                    self.settings.spool_dir,
+                    "webhook",
+                    reason=trigger.reason,
+                    esiid=trigger.esiid,
+                    meter=trigger.meter,
+                    force_repost=trigger.force_repost,
+                    extra={"client": request.remote or ""},
+                ),
+            )
+        except spool.SpoolError as exc:
+            log.error("cannot queue ingest request: %s", exc)
+            return json_error(request, 503, "spool_unavailable", "cannot queue the request")
+        set_outcome(request, f"queued:{queued_request.id}")
+        return web.json_response({"ok": True, "queued": True, "id": queued_request.id}, status=202)
+
+    async def health(self, request: web.Request) -> web.Response:
+        set_outcome(request, "health")
+        return web.json_response(
+            {
+                "ok": True,
+                "service": "smt-webhook",
+                "queueDepth": spool.depth(self.settings.spool_dir),
+                "lastIngest": spool.read_last_result(self.settings.spool_dir),
+            }
+        )
+
+
+def make_app(settings: WebhookSettings, tracker: RequestTracker) -> web.Application:
+    service = WebhookService(settings)
+    # client_max_size backs up the streaming cap for anything that calls request.read().
+    app = web.Application(middlewares=[tracker.middleware], client_max_size=settings.max_body_bytes)
+    app.router.add_post("/trigger/smt-now", service.trigger)
+    app.router.add_get("/health", service.health)
+    return app
+
+
+def serve(env: Mapping[str, str]) -> int:
+    """Run the webhook until SIGTERM. ConfigError (no secret, bad port) → exit 2 via the CLI."""
+    settings = WebhookSettings.from_env(env)
+    try:
+        spool.ensure_layout(settings.spool_dir)
+    except OSError as exc:
+        log.error("spool %s is not usable: %s", settings.spool_dir, exc.strerror or exc)
+        return 2
+    tracker = RequestTracker()
+    return run_app(
+        make_app(settings, tracker),
+        tracker,
+        name="webhook-server",
+        bind=settings.bind,
+        port=settings.port,
+        grace=settings.shutdown_grace,
+        describe=(
+            f"spool={settings.spool_dir} max_queued={settings.max_queued} "
+            f"signature={settings.signature}"
+        ),
+    )
