@@ -174,12 +174,15 @@ class IntelliWattDouble:
         port: int = 0,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         store_dir: str | None = None,
+        keep_content: bool = True,
     ) -> None:
         self.admin_token = admin_token or None
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
         self.store_dir = Path(store_dir) if store_dir else None
+        # False: received()[i]["content"] is None (long benchmark runs would hold every file)
+        self.keep_content = keep_content
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -372,7 +375,9 @@ class IntelliWattDouble:
         if not filename.strip():
             return _bad("INLINE_MISSING_FILENAME"), False
         try:
-            content = base64.b64decode(content_b64, validate=True)
+            # whitespace (wrapped base64) is tolerated like the app's decoder; other junk is not
+            compact = "".join(content_b64.split())
+            content = base64.b64decode(compact, validate=True)
             if encoding == "base64+gzip":
                 content = gzip.decompress(content)
         except (binascii.Error, OSError, EOFError, zlib.error) as exc:
@@ -434,9 +439,11 @@ class IntelliWattDouble:
             }
             if not duplicate:
                 self._by_sha[sha] = record
+            self._persist(record)
+            if not self.keep_content:
+                record["content"] = None
             self._received.append(record)
             self._arrived.notify_all()
-            self._persist(record)
         message = "duplicate (already stored)" if duplicate else "stored"
         response = {
             "ok": True,
@@ -463,7 +470,8 @@ class IntelliWattDouble:
         if self.store_dir is None:
             return
         if not record["duplicate"]:
-            target = self.store_dir / "files" / f"{record['id']}-{record['filename']}"
+            safe = record["filename"].replace("/", "_").replace("\\", "_")
+            target = self.store_dir / "files" / f"{record['id']}-{safe}"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(record["content"])
         line = {k: v for k, v in record.items() if k != "content"}
@@ -473,7 +481,7 @@ class IntelliWattDouble:
 
 def _public(record: dict[str, Any], with_content: bool) -> dict[str, Any]:
     out = {k: v for k, v in record.items() if k != "content"}
-    if with_content:
+    if with_content and record["content"] is not None:
         out["content_b64"] = base64.b64encode(record["content"]).decode("ascii")
     return out
 
@@ -733,6 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     parser.add_argument("--store-dir", help="write accepted files and received.jsonl here")
+    parser.add_argument(
+        "--no-keep-content",
+        action="store_true",
+        help="do not keep uploaded bytes in memory (long benchmark runs)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
@@ -746,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         max_body_bytes=args.max_body_bytes,
         store_dir=args.store_dir,
+        keep_content=not args.no_keep_content,
     )
     double.start()
     log.info(

@@ -382,6 +382,22 @@ def test_stop_closes_keepalive_connections():
         session.post(url, json=inline_body(), headers=headers, timeout=5)
 
 
+def test_wrapped_base64_is_accepted_like_the_app(webapp):
+    wrapped = base64.encodebytes(gzip.compress(CSV)).decode()  # newline every 76 chars
+    assert "\n" in wrapped
+    assert post(webapp, inline_body(content_b64=wrapped)).status_code == 200
+
+
+def test_keep_content_false_drops_bytes(tmp_path):
+    with IntelliWattDouble(keep_content=False, store_dir=str(tmp_path)) as double:
+        data = post(double, inline_body(filename="../evil.csv")).json()
+        assert data["sha256"] == hashlib.sha256(CSV).hexdigest()
+        [rec] = double.received()
+        assert rec["content"] is None and rec["sizeBytes"] == len(CSV)
+    [stored] = list((tmp_path / "files").iterdir())  # the name cannot leave files/
+    assert stored.name == "1-.._evil.csv" and stored.read_bytes() == CSV
+
+
 def test_store_dir_writes_files_and_jsonl(tmp_path):
     with IntelliWattDouble(store_dir=str(tmp_path / "store")) as double:
         post(double, inline_body())
