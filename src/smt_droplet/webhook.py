@@ -45,7 +45,7 @@ TIMESTAMP_HEADER = "x-smt-timestamp"
 SIGNATURE_HEADER = "x-smt-signature"
 MAX_REASON = 200
 
-_ESIID = re.compile(r"\d{17}\Z")
+_ESIID = re.compile(r"[0-9]{17}\Z")
 _METER = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 

@@ -1,0 +1,415 @@
+"""The webhook, started for real (``python -m smt_droplet webhook-server``) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import string
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from serverproc import ServerProcess, raw_request, run_once
+
+from smt_droplet import spool
+from smt_droplet.webhook import Trigger, TriggerError, parse_trigger, sign
+
+SECRET = "webhook-secret-for-tests"
+ESIID = "10443720004529147"
+
+
+class Hook:
+    def __init__(self, root: Path, **extra: str) -> None:
+        self.root = root
+        self.spool = root / "spool"
+        self.env = {
+            "INTELLIWATT_WEBHOOK_SECRET": SECRET,
+            "SMT_SPOOL_DIR": str(self.spool),
+            "SMT_WEBHOOK_BIND": "127.0.0.1",
+            "SMT_WEBHOOK_PORT": "0",
+            "SMT_SHUTDOWN_GRACE": "1",
+        }
+        self.env.update(extra)
+        self.servers: list[ServerProcess] = []
+
+    def start(self) -> ServerProcess:
+        server = ServerProcess("webhook-server", self.env, self.root / "webhook.log").start()
+        self.servers.append(server)
+        return server
+
+    def queued(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.spool / "queue").glob("*.json"))]
+
+
+@pytest.fixture
+def hook(tmp_path: Path):
+    h = Hook(tmp_path)
+    yield h
+    for server in h.servers:
+        server.ensure_stopped()
+
+
+@pytest.fixture
+def server(hook: Hook) -> ServerProcess:
+    return hook.start()
+
+
+def trigger(
+    server: ServerProcess,
+    body: bytes | dict | None = None,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
+    h = {"x-intelliwatt-secret": SECRET} if headers is None else headers
+    if isinstance(body, dict):
+        return requests.post(server.url("/trigger/smt-now"), json=body, headers=h, timeout=10)
+    return requests.post(server.url("/trigger/smt-now"), data=body, headers=h, timeout=10)
+
+
+# -- accepted calls -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret"])
+def test_each_secret_header_queues_exactly_one_request(
+    hook: Hook, server: ServerProcess, header: str
+) -> None:
+    started = time.monotonic()
+    r = trigger(
+        server,
+        {"reason": "manual", "esiid": ESIID, "meter": "M1", "forceRepost": True, "x": 1},
+        headers={header: SECRET},
+    )
+    assert time.monotonic() - started < 1.0
+    assert r.status_code == 202
+    body = r.json()
+    assert body["ok"] is True and body["queued"] is True and body["id"]
+    (request,) = hook.queued()
+    assert request["id"] == body["id"] and request["kind"] == "webhook"
+    assert request["esiid"] == ESIID and request["meter"] == "M1"
+    assert request["force_repost"] is True and request["reason"] == "manual"
+    assert "x" not in request and "x" not in request["extra"]
+    assert not list((hook.spool / "tmp").iterdir())  # nothing half-written
+    log = server.log()
+    assert "POST /trigger/smt-now 202" in log and f"outcome=queued:{body['id']}" in log
+    assert SECRET not in log
+
+
+def test_empty_body_is_a_plain_trigger(hook: Hook, server: ServerProcess) -> None:
+    r = trigger(server, None)
+    assert r.status_code == 202
+    (request,) = hook.queued()
+    assert request["esiid"] is None and request["force_repost"] is False
+
+
+def test_n_accepted_calls_queue_n_requests(hook: Hook, server: ServerProcess) -> None:
+    results: list[int] = []
+
+    def call(i: int) -> None:
+        results.append(trigger(server, {"reason": f"r{i}"}).status_code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [202] * 10
+    queued = hook.queued()
+    assert len(queued) == 10
+    assert sorted(q["reason"] for q in queued) == sorted(f"r{i}" for i in range(10))
+
+
+# -- rejected calls queue nothing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-intelliwatt-secret": ""},
+        {"x-intelliwatt-secret": "wrong"},
+        {"x-smt-secret": SECRET + "x"},
+        {"x-webhook-secret": SECRET[:-1]},
+        {"x-admin-token": SECRET},
+        {"authorization": f"Bearer {SECRET}"},
+    ],
+)
+def test_wrong_or_missing_secret_is_401(
+    hook: Hook, server: ServerProcess, headers: dict[str, str]
+) -> None:
+    r = trigger(server, {"esiid": ESIID}, headers=headers)
+    assert r.status_code == 401
+    assert r.json()["ok"] is False and r.json()["error"] == "unauthorized"
+    assert hook.queued() == []
+
+
+def test_one_right_header_among_wrong_ones_is_enough(hook: Hook, server: ServerProcess) -> None:
+    r = trigger(server, None, headers={"x-intelliwatt-secret": "nope", "x-webhook-secret": SECRET})
+    assert r.status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "bad_json"),
+        (b'"text"', "bad_json"),
+        (b"\xff\xfe{}", "bad_json"),
+        (b"[" * 5000 + b"]" * 5000, "bad_json"),
+        (b'{"esiid": "1044372000452914"}', "bad_esiid"),
+        (b'{"esiid": "104437200045291478"}', "bad_esiid"),
+        (b'{"esiid": "1044372000452914x"}', "bad_esiid"),
+        (b'{"esiid": true}', "bad_esiid"),
+        (b'{"esiid": ["10443720004529147"]}', "bad_esiid"),
+        (b'{"meter": "M1; rm -rf /"}', "bad_meter"),
+        (b'{"forceRepost": "yes"}', "bad_force_repost"),
+        (b'{"reason": 5}', "bad_reason"),
+    ],
+)
+def test_bad_bodies_are_400_and_queue_nothing(
+    hook: Hook, server: ServerProcess, body: bytes, error: str
+) -> None:
+    r = trigger(server, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == error
+    assert hook.queued() == []
+
+
+def test_body_over_64_kib_is_413(hook: Hook, server: ServerProcess) -> None:
+    big = json.dumps({"reason": "x" * (64 * 1024)}).encode()
+    r = trigger(server, big)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunks():  # chunked, no Content-Length: the server counts while reading
+        for _ in range(100):
+            yield b" " * 4096
+
+    r = requests.post(
+        server.url("/trigger/smt-now"),
+        data=chunks(),
+        headers={"x-smt-secret": SECRET},
+        timeout=10,
+    )
+    assert r.status_code == 413
+    # A declared 10 MB body is refused from the header, without reading it.
+    head = (
+        f"POST /trigger/smt-now HTTP/1.1\r\nHost: x\r\nx-smt-secret: {SECRET}\r\n"
+        "Content-Length: 10000000\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    answer = raw_request(server.port, head, b"{")
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert time.monotonic() - started < 2
+    assert hook.queued() == []
+    # Exactly 64 KiB is still fine.
+    exact = b'{"reason": "' + b"y" * (64 * 1024 - 14) + b'"}'
+    assert len(exact) == 64 * 1024
+    assert trigger(server, exact).status_code == 202
+
+
+def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
+    hook = Hook(tmp_path, SMT_WEBHOOK_MAX_QUEUED="2", SMT_WEBHOOK_RETRY_AFTER="7")
+    server = hook.start()
+    try:
+        assert trigger(server).status_code == 202
+        assert trigger(server).status_code == 202
+        r = trigger(server)
+        assert r.status_code == 429
+        assert r.headers["Retry-After"] == "7"
+        assert r.json()["error"] == "queue_full" and r.json()["queued"] == 2
+        assert len(hook.queued()) == 2
+        # The ingest pass claims the queue: room again.
+        claimed = spool.claim(hook.spool)
+        assert len(claimed) == 2
+        assert trigger(server).status_code == 202
+    finally:
+        server.ensure_stopped()
+
+
+def test_health_reports_queue_depth_and_last_ingest(hook: Hook, server: ServerProcess) -> None:
+    r = requests.get(server.url("/health"), timeout=5)
+    assert r.status_code == 200
+    assert r.json() == {
+        "ok": True,
+        "service": "smt-webhook",
+        "queueDepth": 0,
+        "lastIngest": None,
+    }
+    trigger(server)
+    spool.write_last_result(hook.spool, {"exit_code": 0, "posted": 3})
+    r = requests.get(server.url("/health"), timeout=5)
+    assert r.json()["queueDepth"] == 1
+    assert r.json()["lastIngest"] == {"exit_code": 0, "posted": 3}
+    assert requests.get(server.url("/trigger/smt-now"), timeout=5).status_code == 405
+    assert requests.post(server.url("/other"), timeout=5).status_code == 404
+
+
+# -- signatures -----------------------------------------------------------------------------------
+
+
+def signed_headers(body: bytes, when: float | None = None) -> dict[str, str]:
+    stamp = str(int(time.time() if when is None else when))
+    return {"x-smt-timestamp": stamp, "x-smt-signature": sign(SECRET, stamp, body)}
+
+
+def test_signature_mode_accept(tmp_path: Path) -> None:
+    hook = Hook(tmp_path, SMT_WEBHOOK_SIGNATURE="accept", SMT_WEBHOOK_SIGNATURE_WINDOW="60")
+    server = hook.start()
+    try:
+        body = json.dumps({"esiid": ESIID}).encode()
+        assert trigger(server, body, headers=signed_headers(body)).status_code == 202
+        stale = signed_headers(body, time.time() - 120)
+        assert trigger(server, body, headers=stale).status_code == 401
+        tampered = signed_headers(body)
+        assert trigger(server, body + b" ", headers=tampered).status_code == 401
+        assert trigger(server, body, headers={"x-smt-secret": SECRET}).status_code == 202
+        assert trigger(server, body, headers={}).status_code == 401
+        assert len(hook.queued()) == 2
+    finally:
+        server.ensure_stopped()
+
+
+def test_signature_mode_require_refuses_the_bare_secret(tmp_path: Path) -> None:
+    hook = Hook(tmp_path, SMT_WEBHOOK_SIGNATURE="require")
+    server = hook.start()
+    try:
+        body = b"{}"
+        assert trigger(server, body, headers={"x-smt-secret": SECRET}).status_code == 401
+        assert trigger(server, body, headers=signed_headers(body)).status_code == 202
+        assert len(hook.queued()) == 1
+    finally:
+        server.ensure_stopped()
+
+
+# -- startup and shutdown -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", [None, "", "   "])
+def test_refuses_to_start_without_a_secret(tmp_path: Path, secret: str | None) -> None:
+    env = {"SMT_SPOOL_DIR": str(tmp_path / "spool"), "SMT_WEBHOOK_PORT": "0"}
+    if secret is not None:
+        env["INTELLIWATT_WEBHOOK_SECRET"] = secret
+    result = run_once("webhook-server", env)
+    assert result.returncode == 2
+    assert "INTELLIWATT_WEBHOOK_SECRET" in result.stderr
+    assert "refuses to start" in result.stderr
+
+
+def test_alias_secret_name_works(tmp_path: Path) -> None:
+    hook = Hook(tmp_path)
+    del hook.env["INTELLIWATT_WEBHOOK_SECRET"]
+    hook.env["DROPLET_WEBHOOK_SECRET"] = SECRET
+    server = hook.start()
+    try:
+        assert trigger(server).status_code == 202
+    finally:
+        server.ensure_stopped()
+
+
+def test_sigterm_exits_0_and_logs_the_start_line(hook: Hook, server: ServerProcess) -> None:
+    log = server.log()
+    assert "webhook-server listening on http://127.0.0.1:" in log
+    assert f"spool={hook.spool}" in log
+    assert SECRET not in log
+    assert server.stop(signal.SIGTERM) == 0
+    assert "webhook-server stopped" in server.log()
+
+
+def test_help_lists_the_server_commands() -> None:
+    result = run_once("--help", {})
+    assert result.returncode == 0
+    assert "webhook-server" in result.stdout and "upload-server" in result.stdout
+
+
+# -- property tests of the body validation -------------------------------------------------------
+
+esiids = st.text(alphabet=string.digits, min_size=17, max_size=17)
+meters = st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1, max_size=32)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(
+    esiid=st.none() | esiids,
+    meter=st.none() | meters,
+    force=st.none() | st.booleans(),
+    reason=st.none() | st.text(max_size=300),
+    extra=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k not in ("esiid", "meter", "forceRepost", "reason")),
+        json_values,
+        max_size=4,
+    ),
+    quote=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_valid_bodies_round_trip(
+    esiid: str | None,
+    meter: str | None,
+    force: bool | None,
+    reason: str | None,
+    extra: dict,
+    quote: bool,
+) -> None:
+    doc = dict(extra)
+    if esiid is not None:
+        doc["esiid"] = f"'{esiid}" if quote else esiid
+    if meter is not None:
+        doc["meter"] = meter
+    if force is not None:
+        doc["forceRepost"] = force
+    if reason is not None:
+        doc["reason"] = reason
+    result = parse_trigger(json.dumps(doc).encode())
+    assert result.esiid == esiid
+    assert result.meter == meter
+    assert result.force_repost is bool(force)
+    if reason is None or reason.strip() == "":
+        assert result.reason is None
+    else:
+        assert result.reason is not None and len(result.reason) <= 200
+        assert not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in result.reason)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500, deadline=None)
+def test_arbitrary_bytes_either_parse_or_fail_with_a_code(body: bytes) -> None:
+    try:
+        result = parse_trigger(body)
+    except TriggerError as exc:
+        assert exc.code in {"bad_json", "bad_esiid", "bad_meter", "bad_force_repost", "bad_reason"}
+    else:
+        assert isinstance(result, Trigger)
+
+
+@given(json_values)
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_json_never_escapes_validation(value: object) -> None:
+    try:
+        result = parse_trigger(json.dumps({"esiid": value, "meter": value}).encode())
+    except TriggerError:
+        return
+    assert result.esiid is None or (len(result.esiid) == 17 and result.esiid.isdigit())
+    assert result.meter is None or (1 <= len(result.meter) <= 32)
+
+
+def _looks_valid(s: str) -> bool:
+    core = s.strip("' \t\n\r\x0b\x0c")
+    return len(core) == 17 and core.isascii() and core.isdigit()
+
+
+@given(st.text(max_size=30).filter(lambda s: not _looks_valid(s)))
+@settings(max_examples=300, deadline=None)
+def test_anything_but_17_digits_is_a_bad_esiid(value: str) -> None:
+    if value.strip() == "":
+        assert parse_trigger(json.dumps({"esiid": value}).encode()).esiid is None
+        return
+    with pytest.raises(TriggerError) as info:
+        parse_trigger(json.dumps({"esiid": value}).encode())
+    assert info.value.code == "bad_esiid"
