@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-spool", action="store_true", help="do not consume queued webhook/upload requests"
     )
+    p.epilog = (
+        "One pass at a time per box: a pass that finds another one running waits up to "
+        "SMT_LOCK_WAIT seconds (default 300) for it, then exits 0 saying another pass is running "
+        "(queued requests stay queued for the next pass). Exit 0: everything posted or "
+        "deliberately skipped; 1: something left to retry; 2: configuration error."
+    )
     add("sync", _cmd_sync, "mirror new files from SFTP into the inbox; post nothing")
     p = add("status", _cmd_status, "per-file state: posted, rejected, too large, pending")
     p.add_argument("--json", action="store_true", help="machine-readable output")

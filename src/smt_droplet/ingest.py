@@ -450,6 +450,46 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
     return result
 
 
+# -- helpers for the Ansible modules (library/) ------------------------------------------------
+
+
+def module_env(params: Mapping[str, Any], option_env: Mapping[str, str]) -> dict[str, str]:
+    """The environment a module runs with: its ``env_file`` (if any), then its explicit options
+    (lower-case environment names) on top. The controller's environment is never used."""
+    from .envfile import read_env_file
+
+    env: dict[str, str] = {}
+    if params.get("env_file"):
+        env.update(read_env_file(params["env_file"]))
+    for option, name in option_env.items():
+        value = params.get(option)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        env[name] = str(value)
+    return env
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def module_log_capture() -> tuple[list[str], logging.Handler]:
+    """Collect the package's INFO+ log lines into a list (returned as a module's ``log``)."""
+    lines: list[str] = []
+    handler = _ListHandler(lines)
+    root = logging.getLogger("smt_droplet")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return lines, handler
+
+
 # -- commands (cli.py dispatches here) -------------------------------------------------------
 
 

@@ -1,0 +1,257 @@
+#!/usr/bin/python
+"""Ansible module: post unposted inbox files to IntelliWatt's inline endpoint (thin wrapper)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: smt_inline_post
+short_description: Post the droplet's unposted SMT files to IntelliWatt (inline, base64+gzip)
+description:
+  - For every matching file in O(local_dir) (and one level of sub-directories), or only O(paths),
+    that is not in the ledger O(state_file), attributes an ESIID and meter and POSTs it to
+    C(<base_url>/api/admin/smt/pull) with C(mode=inline), exactly as the web app's contract says.
+  - ESIID from the file name (17 digits starting with C(10)), else the CSV's ESIID column, else
+    O(esiid_default); meter from an C(M<digits>) token in the name, else O(meter_default).
+  - A 200 C(ok=true) answer (new or duplicate) appends the file's sha256 to O(state_file), which
+    keeps the old droplets' one-digest-per-line format. Other 4xx answers mark the file rejected;
+    a body over O(max_body_bytes) marks it too large without sending it; neither is retried until
+    the file changes or O(force=true). 5xx, timeouts, 413 and 429 are retried with backoff.
+  - 401 or 503 from the app stops at once and fails the task (token or app misconfigured).
+  - Takes the ingest pass lock (C(<state_file>.lock)); waits at most O(lock_wait) seconds.
+  - All logic lives in the C(smt_droplet) package (shipped through C(module_utils)).
+version_added: "0.1.0"
+author: IntelliWatt droplet team
+options:
+  env_file:
+    description:
+      - Read settings from this systemd-style environment file (the droplet's
+        C(/etc/default/intelliwatt-smt)). Options given explicitly override its values.
+    type: path
+  base_url:
+    description: The web app's base URL (C(INTELLIWATT_BASE_URL)).
+    type: str
+  admin_token:
+    description: The app's admin token (C(ADMIN_TOKEN)); sent only as the C(x-admin-token) header.
+    type: str
+  local_dir:
+    description: The inbox (C(SMT_LOCAL_DIR)).
+    type: path
+  state_file:
+    description:
+      - The ledger (C(STATE_FILE), set by the unit's drop-in on the droplet); default
+        C(<local_dir>/.posted_sha256).
+    type: path
+  source:
+    description: Storage prefix sent as C(source) (C(SOURCE_TAG)); default C(adhocusage).
+    type: str
+  esiid_default:
+    description: ESIID for files that carry none in name or content (C(ESIID_DEFAULT)).
+    type: str
+  meter_default:
+    description: Meter for files without an C(M<digits>) name token (C(METER_DEFAULT)), default M1.
+    type: str
+  encoding:
+    description: C(base64+gzip) (default) or C(base64) (C(SMT_ENCODING)).
+    type: str
+    choices: [base64+gzip, base64]
+  max_body_bytes:
+    description: Largest request body sent (C(SMT_MAX_BODY_BYTES)); default 4500000.
+    type: int
+  include:
+    description: Case-insensitive globs for candidate files (C(SMT_INCLUDE)).
+    type: list
+    elements: str
+  paths:
+    description: Only these files (each must exist); default every matching inbox file.
+    type: list
+    elements: path
+  force:
+    description: Post even files already in the ledger, rejected or too large.
+    type: bool
+    default: false
+  retries:
+    description: Retries per file for retryable failures (C(SMT_POST_RETRIES)); default 3.
+    type: int
+  http_timeout:
+    description: Seconds per request (C(SMT_HTTP_TIMEOUT)); default 60.
+    type: float
+  lock_wait:
+    description: Seconds to wait for a running ingest pass (C(SMT_LOCK_WAIT)); default 300.
+    type: float
+requirements:
+  - python3-requests (requests >= 2.28) on the target
+attributes:
+  check_mode:
+    support: full
+    description: Hashes and attributes files; reports which would be posted; sends nothing.
+  diff_mode:
+    support: none
+notes:
+  - The token is never logged nor returned (C(no_log)).
+"""
+
+EXAMPLES = r"""
+- name: Post everything not yet posted, settings from the droplet's env file
+  smt_inline_post:
+    env_file: /etc/default/intelliwatt-smt
+    state_file: /home/deploy/smt_inbox/.posted_sha256
+
+- name: Re-post one file for a given ESIID
+  smt_inline_post:
+    env_file: /etc/default/intelliwatt-smt
+    paths: [/home/deploy/smt_inbox/upload_2025.csv]
+    esiid_default: "10443720004529147"
+    force: true
+"""
+
+RETURN = r"""
+results:
+  description: One entry per considered file.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    path:
+      description: Path relative to the inbox.
+      type: str
+    outcome:
+      description: >-
+        C(posted), C(duplicate), C(would-post) (check mode), C(skipped-already-posted),
+        C(skipped-rejected), C(skipped-too-large), C(rejected), C(too-large),
+        C(failed-will-retry), C(no-esiid) or C(not-attempted).
+      type: str
+    sha256:
+      description: sha256 of the file's bytes.
+      type: str
+    esiid:
+      description: The ESIID used (or that would be).
+      type: str
+    meter:
+      description: The meter used.
+      type: str
+    app_id:
+      description: The web app's id for the stored file.
+      type: str
+    reason:
+      description: The app's error code, the size comparison, or the failure.
+      type: str
+  sample: [{"path": "IntervalMeterUsage_10443720000000099_20251101.csv", "outcome": "posted",
+            "sha256": "9f2c...", "esiid": "10443720000000099", "meter": "M1", "app_id": "42",
+            "reason": "", "size": 2612345}]
+summary:
+  description: Count of files per outcome.
+  returned: always
+  type: dict
+  sample: {"posted": 2, "skipped-already-posted": 17}
+log:
+  description: The package's log lines for this run (never the token).
+  returned: always
+  type: list
+  elements: str
+"""
+
+import logging
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:
+    import requests  # noqa: F401
+
+    REQUESTS_ERROR = None
+except ImportError:
+    REQUESTS_ERROR = traceback.format_exc()
+
+from ansible.module_utils.smt_droplet.config import ConfigError, PostSettings
+from ansible.module_utils.smt_droplet.ingest import module_env, module_log_capture, post_pending
+from ansible.module_utils.smt_droplet.ledger import LedgerError
+from ansible.module_utils.smt_droplet.lock import LockBusy, PassLock, lock_path_for
+
+OPTION_ENV = {
+    "base_url": "INTELLIWATT_BASE_URL",
+    "admin_token": "ADMIN_TOKEN",
+    "local_dir": "SMT_LOCAL_DIR",
+    "state_file": "STATE_FILE",
+    "source": "SOURCE_TAG",
+    "esiid_default": "ESIID_DEFAULT",
+    "meter_default": "METER_DEFAULT",
+    "encoding": "SMT_ENCODING",
+    "max_body_bytes": "SMT_MAX_BODY_BYTES",
+    "include": "SMT_INCLUDE",
+    "retries": "SMT_POST_RETRIES",
+    "http_timeout": "SMT_HTTP_TIMEOUT",
+    "lock_wait": "SMT_LOCK_WAIT",
+}
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "env_file": {"type": "path"},
+            "base_url": {"type": "str"},
+            "admin_token": {"type": "str", "no_log": True},
+            "local_dir": {"type": "path"},
+            "state_file": {"type": "path"},
+            "source": {"type": "str"},
+            "esiid_default": {"type": "str"},
+            "meter_default": {"type": "str"},
+            "encoding": {"type": "str", "choices": ["base64+gzip", "base64"]},
+            "max_body_bytes": {"type": "int"},
+            "include": {"type": "list", "elements": "str"},
+            "paths": {"type": "list", "elements": "path"},
+            "force": {"type": "bool", "default": False},
+            "retries": {"type": "int"},
+            "http_timeout": {"type": "float"},
+            "lock_wait": {"type": "float"},
+        },
+        supports_check_mode=True,
+    )
+    if REQUESTS_ERROR is not None and not module.check_mode:
+        module.fail_json(
+            msg=missing_required_lib("requests") + " On Debian/Ubuntu: install python3-requests.",
+            exception=REQUESTS_ERROR,
+        )
+
+    lines, handler = module_log_capture()
+    try:
+        env = module_env(module.params, OPTION_ENV)
+        settings = PostSettings.from_env(env)
+        if settings.admin_token:
+            module.no_log_values.add(settings.admin_token)  # also when it came from env_file
+        paths = [Path(p) for p in module.params["paths"] or []]
+        for path in paths:
+            if not path.is_file():
+                raise ConfigError(f"paths: {path} is not a file")
+        if module.check_mode:  # read-only: no lock file, no ledger or cache write, no HTTP
+            result = post_pending(
+                settings, paths=paths or None, force=module.params["force"], check=True
+            )
+        else:
+            with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
+                result = post_pending(settings, paths=paths or None, force=module.params["force"])
+    except (ConfigError, ValueError) as exc:
+        module.fail_json(msg=f"configuration error: {exc}", log=lines)
+    except (LockBusy, LedgerError) as exc:
+        module.fail_json(msg=str(exc), log=lines)
+    finally:
+        logging.getLogger("smt_droplet").removeHandler(handler)
+
+    results = [asdict(f) for f in result.files]
+    changed = any(f.outcome in ("posted", "duplicate", "would-post") for f in result.files)
+    out = {"changed": changed, "results": results, "summary": result.counts(), "log": lines}
+    if result.fatal:
+        module.fail_json(
+            msg=f"web app refused the token or is misconfigured: {result.fatal}", **out
+        )
+    if result.exit_code != 0:
+        left = [f"{f.path}: {f.outcome} {f.reason}".strip() for f in result.files
+                if f.outcome in ("failed-will-retry", "no-esiid", "not-attempted")]  # fmt: skip
+        module.fail_json(msg="files left to retry: " + "; ".join(left), **out)
+    module.exit_json(**out)
+
+
+if __name__ == "__main__":
+    main()
