@@ -497,6 +497,18 @@ def test_state_file_setting_names_the_ledger(tmp_path: Path) -> None:
         server.ensure_stopped()
 
 
+def test_an_unreadable_ledger_does_not_block_uploads(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger-is-a-directory"
+    ledger.mkdir()
+    box = Box(tmp_path, STATE_FILE=str(ledger))
+    server = box.start()
+    try:
+        assert upload(server, csv_bytes(16)).status_code == 202
+        assert "cannot read the ledger" in server.log()
+    finally:
+        server.ensure_stopped()
+
+
 # -- rate limits ----------------------------------------------------------------------------------
 
 

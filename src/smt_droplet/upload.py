@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -143,6 +145,7 @@ class UploadService:
         self.partial_files: set[Path] = set()
         self._ledger_key: tuple[int, int, int] | None = None
         self._ledger: set[str] = set()
+        self._rename_lock = threading.Lock()
 
     # -- checks before the body ------------------------------------------------------------
 
@@ -339,7 +342,11 @@ class UploadService:
             return set()
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if key != self._ledger_key:
-            self._ledger = read_posted_digests(path)
+            try:
+                self._ledger = read_posted_digests(path)
+            except OSError as exc:  # LedgerError: store anyway; the ingest pass checks again
+                log.warning("cannot read the ledger for duplicate detection: %s", exc)
+                return set()
             self._ledger_key = key
         return self._ledger
 
@@ -353,10 +360,20 @@ class UploadService:
                 os.link(tmp, inbox / candidate)
             except FileExistsError:
                 continue
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                # No hard links on this filesystem: check-then-rename under a lock (only this
+                # process creates these time-stamped names).
+                with self._rename_lock:
+                    if os.path.lexists(inbox / candidate):
+                        continue
+                    os.rename(tmp, inbox / candidate)
             break
         else:
             raise FileExistsError(f"no free name for {name} in {inbox}")
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
@@ -377,7 +394,6 @@ class UploadService:
 
     async def _finish(self, request: web.Request, attempt: _Attempt) -> web.Response:
         assert attempt.tmp is not None and attempt.fd is not None
-        attempt.counted = True
         common = {
             "originalName": attempt.original,
             "sizeBytes": attempt.size,
@@ -385,6 +401,7 @@ class UploadService:
             **self._rate_fields(attempt),
         }
         if attempt.sha256 in self._posted_digests():
+            attempt.counted = True
             set_outcome(request, f"duplicate:{attempt.sha256[:12]}")
             return web.json_response(
                 {"ok": True, "duplicate": True, "stored": False, "queued": False, **common}
@@ -394,6 +411,7 @@ class UploadService:
         tmp, fd = attempt.tmp, attempt.fd
         final = await loop.run_in_executor(None, self._commit, tmp, fd, name)
         attempt.tmp = None  # committed: the finally block must not remove it
+        attempt.counted = True
         self.partial_files.discard(tmp)
         try:
             queued = await loop.run_in_executor(
@@ -473,6 +491,9 @@ class UploadService:
         except RateLimitError as exc:
             log.error("%s", exc)
             return json_error(request, 503, "limiter_unavailable", "try again later")
+        except OSError as exc:  # the inbox: disk full, permissions
+            log.error("cannot store upload in %s: %s", self.settings.inbox, exc)
+            return json_error(request, 507, "storage_failed", "the upload could not be stored")
         finally:
             self._cleanup(attempt)
 
