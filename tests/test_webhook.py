@@ -308,6 +308,35 @@ def test_alias_secret_name_works(tmp_path: Path) -> None:
         server.ensure_stopped()
 
 
+def test_settings_from_an_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / "intelliwatt-smt"
+    env_file.write_text(
+        "# the droplet's env file\r\n"
+        f'INTELLIWATT_WEBHOOK_SECRET="{SECRET}"\r\n'
+        f"SMT_SPOOL_DIR={tmp_path / 'spool-from-file'}\r\n"
+        "SMT_WEBHOOK_BIND=127.0.0.1\r\nSMT_WEBHOOK_PORT=0\r\n"
+    )
+    server = ServerProcess(
+        "webhook-server", {}, tmp_path / "envfile.log", args=("--env-file", str(env_file))
+    ).start()
+    try:
+        assert trigger(server).status_code == 202
+        assert len(list((tmp_path / "spool-from-file" / "queue").glob("*.json"))) == 1
+    finally:
+        server.ensure_stopped()
+
+
+def test_nothing_from_a_request_can_reach_a_shell() -> None:
+    import smt_droplet.httpserver
+    import smt_droplet.upload
+    import smt_droplet.webhook
+
+    for module in (smt_droplet.webhook, smt_droplet.upload, smt_droplet.httpserver):
+        source = Path(module.__file__).read_text()
+        for needle in ("subprocess", "os.system", "os.popen", "shell=", "exec(", "eval("):
+            assert needle not in source, (module.__name__, needle)
+
+
 def test_sigterm_exits_0_and_logs_the_start_line(hook: Hook, server: ServerProcess) -> None:
     log = server.log()
     assert "webhook-server listening on http://127.0.0.1:" in log
