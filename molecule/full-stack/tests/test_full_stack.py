@@ -1,0 +1,166 @@
+"""End-to-end checks of a provisioned droplet container with real systemd (issue 5, (1)-(8)).
+
+The checks run in file order against one container; each places its own fresh CSV (random
+ESIID), so they do not depend on one another's files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO, SECURITY_SCORES, Bed
+
+WEBHOOK = "http://127.0.0.1:8787/trigger/smt-now"
+UPLOAD = "http://127.0.0.1:8080/upload"
+
+
+def test_units_enabled_and_running(host: Any) -> None:
+    for unit in ("smt-ingest.timer", "smt-ingest.path", "smt-webhook", "smt-upload-server"):
+        service = host.service(unit)
+        assert service.is_enabled, f"{unit} not enabled"
+        assert service.is_running, f"{unit} not active"
+    assert host.socket("tcp://0.0.0.0:8787").is_listening
+    assert host.socket("tcp://0.0.0.0:8080").is_listening
+
+
+def test_1_csv_on_peer_posted_exactly_once(bed: Bed) -> None:
+    placed = bed.place_on_peer()
+    assert bed.posts_of(placed.sha256) == []
+    bed.run("systemctl start smt-ingest.service")
+    posts = bed.posts_of(placed.sha256)
+    assert len(posts) == 1, posts
+    assert posts[0]["filename"] == placed.name
+    assert posts[0]["esiid"] == placed.esiid
+    assert posts[0]["duplicate"] is False
+    # A second pass mirrors nothing new and posts nothing again (ledger).
+    bed.run("systemctl start smt-ingest.service")
+    assert len(bed.posts_of(placed.sha256)) == 1
+    ledger = bed.run("cat /home/deploy/smt_inbox/.posted_sha256").stdout.split()
+    assert placed.sha256 in ledger
+
+
+def test_2_timer_is_scheduled(host: Any) -> None:
+    timer = host.service("smt-ingest.timer")
+    assert timer.is_enabled and timer.is_running
+    props = host.run(
+        "systemctl show smt-ingest.timer -p NextElapseUSecRealtime -p TimersCalendar --value"
+    ).stdout
+    assert "*:0/30" in props or "00/30" in props or ":00/30" in props, props
+    listed = host.run("systemctl list-timers --no-pager --all smt-ingest.timer").stdout
+    assert "smt-ingest.timer" in listed and "smt-ingest.service" in listed, listed
+    # A next elapse time is set (not "n/a").
+    assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}", listed), listed
+
+
+def test_3_webhook_wrong_secret_changes_nothing_right_secret_ingests(bed: Bed) -> None:
+    placed = bed.place_on_peer()
+    before = bed.ingest_invocation()
+    wrong = bed.http("post", WEBHOOK, {"x-intelliwatt-secret": "not-the-secret"}, {})
+    assert wrong.status in (401, 403), wrong
+    time.sleep(3)  # would have been plenty for the .path unit to start a pass
+    assert bed.spool_depth() == 0
+    assert bed.ingest_invocation() == before, "a wrong secret started an ingest pass"
+    assert bed.posts_of(placed.sha256) == []
+
+    secret = bed.vars["smt_testbed_webhook_secret"]
+    right = bed.http("post", WEBHOOK, {"x-intelliwatt-secret": secret}, {"reason": "molecule"})
+    assert right.status == 202, right
+    record = bed.wait_posted(placed)
+    assert record["esiid"] == placed.esiid
+
+
+def test_4_upload_reaches_the_double(bed: Bed) -> None:
+    placed = bed.make_csv("/tmp")
+    answer = bed.http(
+        "post",
+        UPLOAD,
+        {
+            "x-smt-upload-token": bed.vars["smt_testbed_upload_token"],
+            "x-smt-upload-role": "admin",
+            "x-smt-upload-account-key": "molecule-admin",
+        },
+        file=placed.path,
+    )
+    assert answer.status == 202, answer
+    record = bed.wait_posted(placed)
+    assert record["esiid"] == placed.esiid
+    assert record["sizeBytes"] > 0
+
+
+def test_4b_upload_without_token_is_refused(bed: Bed) -> None:
+    placed = bed.make_csv("/tmp")
+    answer = bed.http("post", UPLOAD, {"x-smt-upload-role": "admin"}, file=placed.path)
+    assert answer.status == 401, answer
+
+
+def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) -> None:
+    placed = bed.place_on_peer()
+    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    proc = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory_dir),
+            "--limit",
+            bed.host.backend.name,
+            str(REPO / "playbooks" / "ingest-now.yml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert placed.name in output, output[-4000:]
+    posts = bed.posts_of(placed.sha256)
+    assert len(posts) == 1, posts
+
+
+def test_6_upload_rate_limit_survives_restart(bed: Bed) -> None:
+    limit = 2  # smt_upload_customer_monthly_limit in molecule/testbed/group_vars/all.yml
+    headers = {
+        "x-smt-upload-token": bed.vars["smt_testbed_upload_token"],
+        "x-smt-upload-role": "customer",
+        "x-smt-upload-account-key": f"molecule-customer-{time.time_ns()}",
+    }
+    for _ in range(limit):
+        placed = bed.make_csv("/tmp")
+        answer = bed.http("post", UPLOAD, headers, file=placed.path)
+        assert answer.status in (200, 202), answer
+    bed.run("systemctl restart smt-upload-server.service")
+    bed.run(
+        "for i in $(seq 100); do python3 /opt/smt-testbed/probe.py get "
+        "http://127.0.0.1:8080/ >/dev/null && exit 0; sleep 0.1; done; exit 1"
+    )
+    placed = bed.make_csv("/tmp")
+    answer = bed.http("post", UPLOAD, headers, file=placed.path)
+    assert answer.status == 429, answer
+
+
+def test_7_ufw_allows_only_intended_ports(host: Any) -> None:
+    out = host.run("ufw status").stdout
+    assert "Status: active" in out, out
+    rules = [line for line in out.splitlines() if "ALLOW" in line or "DENY" in line]
+    ports = {line.split()[0].split("/")[0] for line in rules}
+    assert ports == {"22", "8080", "8787"}, out
+    assert all("ALLOW" in line for line in rules), out
+    verbose = host.run("ufw status verbose").stdout
+    assert "deny (incoming)" in verbose, verbose
+
+
+def test_8_systemd_analyze_security_scores(host: Any) -> None:
+    units = ("smt-ingest.service", "smt-webhook.service", "smt-upload-server.service")
+    for unit in units:
+        out = host.run(f"systemd-analyze security --no-pager {unit}")
+        assert out.rc in (0, 1), out.stderr  # rc 1 only with --threshold
+        match = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", out.stdout)
+        assert match, out.stdout[-2000:]
+        SECURITY_SCORES.append(f"{unit:28} {match.group(1)} {match.group(2)}")
