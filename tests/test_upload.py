@@ -115,6 +115,16 @@ def server(box: Box) -> ServerProcess:
     return box.start()
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the many parametrized rejection cases; tests compare before/after."""
+    b = Box(tmp_path_factory.mktemp("shared-upload"))
+    b.start()
+    yield b
+    for server in b.servers:
+        server.ensure_stopped()
+
+
 def upload(
     server: ServerProcess,
     data: bytes,
@@ -216,10 +226,9 @@ def test_two_uploads_with_the_same_name_both_survive(box: Box, server: ServerPro
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong", TOKEN + "x", TOKEN[:-1]])
-def test_wrong_token_is_401_and_leaves_the_inbox_untouched(
-    box: Box, server: ServerProcess, token: str | None
-) -> None:
-    before = box.inbox_names()
+def test_wrong_token_is_401_and_leaves_the_inbox_untouched(shared: Box, token: str | None) -> None:
+    box, server = shared, shared.servers[0]
+    before, queued_before = box.inbox_names(), box.queued()
     r = upload(server, csv_bytes(3), token=token)
     assert r.status_code == 401
     assert r.json() == {
@@ -228,7 +237,7 @@ def test_wrong_token_is_401_and_leaves_the_inbox_untouched(
         "message": "Invalid or missing SMT upload token",
     }
     assert box.inbox_names() == before
-    assert box.queued() == []
+    assert box.queued() == queued_before
 
 
 def test_expect_100_continue_is_refused_before_the_body_is_sent(
@@ -323,14 +332,16 @@ def test_exactly_the_cap_is_accepted(tmp_path: Path) -> None:
     ],
 )
 def test_non_csv_uploads_are_refused(
-    box: Box, server: ServerProcess, name: str, data: bytes, status: int, error: str
+    shared: Box, name: str, data: bytes, status: int, error: str
 ) -> None:
+    box, server = shared, shared.servers[0]
+    before, queued_before = box.inbox_names(), box.queued()
     r = upload(server, data, name=name)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
     assert r.json()["message"]
-    assert box.inbox_names() == []
-    assert box.queued() == []
+    assert box.inbox_names() == before
+    assert box.queued() == queued_before
 
 
 def test_missing_file_field_and_non_multipart(box: Box, server: ServerProcess) -> None:
@@ -374,15 +385,15 @@ def test_malformed_multipart_is_400(box: Box, server: ServerProcess) -> None:
         'filename="' + "a" * 400 + '.csv"',
     ],
 )
-def test_hostile_names_land_safely_inside_the_inbox(
-    box: Box, server: ServerProcess, disposition: str
-) -> None:
+def test_hostile_names_land_safely_inside_the_inbox(shared: Box, disposition: str) -> None:
+    box, server = shared, shared.servers[0]
     outside_before = sorted(os.listdir(box.root))
-    body = multipart([("file", disposition, csv_bytes(8))])
+    before = set(box.inbox_names())
+    body = multipart([("file", disposition, csv_bytes(8) + disposition.encode())])
     head = post_head(server.port, len(body), {"x-smt-upload-token": TOKEN, "Connection": "close"})
     answer = raw_request(server.port, head, body)
     assert answer.startswith(b"HTTP/1.1 202"), answer
-    (name,) = box.inbox_names()
+    (name,) = set(box.inbox_names()) - before
     assert STORED.match(name), name
     assert ".." not in name and "/" not in name and len(name) <= 16 + filenames.MAX_STEM + 4
     assert (box.inbox / name).is_file()
