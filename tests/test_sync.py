@@ -183,3 +183,27 @@ def test_many_small_files_in_parallel(sftp_peer: SftpPeer, inbox: Path) -> None:
     result = mirror(settings_for(sftp_peer, inbox, SMT_SFTP_PARALLEL="4"))
     assert len(result.downloaded) == 60 and result.error is None
     assert (inbox / "d1" / "f001.csv").read_bytes() == b"row 1\n" * 500
+
+
+def test_small_file_growing_after_listing_is_not_kept(sftp_peer: SftpPeer, inbox: Path) -> None:
+    """Small files take the one-request path; growth must still be noticed."""
+    growing = put(sftp_peer.root, "small.csv", b"ESIID,USAGE_KWH\n", time.time() - 600)
+    stop = threading.Event()
+
+    def writer() -> None:
+        with open(growing, "ab") as fh:
+            while not stop.is_set() and fh.tell() < 30_000:
+                fh.write(b"'10443720000000011,1.0\n")
+                fh.flush()
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        result = mirror(settings_for(sftp_peer, inbox))
+    finally:
+        stop.set()
+        thread.join()
+    assert [f.status for f in result.files] == ["skipped-growing"]
+    assert result.files[0].size < 30_000  # it was listed small, i.e. took the small path
+    assert list(inbox.iterdir()) == []

@@ -49,6 +49,7 @@ log = logging.getLogger("smt_droplet.sftp")
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET = 32768
 READ_CHUNK = 1024 * 1024
+SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 
 DOWNLOADED = "downloaded"
 UNCHANGED = "unchanged"
@@ -287,25 +288,60 @@ def _remove_stale_partials(local_dir: Path, max_depth: int) -> None:
                 dirs.append((Path(entry.path), depth + 1))
 
 
+def _read_small(remote: paramiko.SFTPFile, size: int) -> bytes | None:
+    """One READ request for ``size + 1`` bytes: more than ``size`` back means the file grew.
+
+    Saves the prefetch thread and two round trips (EOF probe, fstat) per small file, which is
+    what makes thousands of small SMT files mirror as fast as OpenSSH's ``sftp mget``. Uses
+    paramiko's single-request ``_read`` (present in 2.x to 5.x); ``None`` if it is missing.
+    """
+    single = getattr(remote, "_read", None)
+    if single is None:
+        return None
+    data = single(size + 1)
+    return data or b""
+
+
+def _close_without_waiting(remote: paramiko.SFTPFile) -> None:
+    """Send CLOSE and do not wait for its answer (the server handles requests in order, and
+    paramiko consumes the late answer): one round trip less per file. ``with`` closes again,
+    which is a no-op then."""
+    close_async = getattr(remote, "_close", None)
+    if close_async is None:
+        return
+    try:
+        close_async(async_=True)
+    except TypeError:  # a paramiko without the async_ flag: the normal close runs later
+        return
+
+
 def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
     """Fetch one file into a temp name, check it did not change meanwhile, rename it."""
     item.local.parent.mkdir(parents=True, exist_ok=True)
     tmp = item.local.parent / f".{item.local.name}.{uuid.uuid4().hex[:8]}.partial"
     received = 0
+    after_size, after_mtime = item.size, item.mtime
     try:
         with sftp.open(item.remote, "rb") as remote, open(tmp, "wb") as out:
-            if item.size:
-                remote.prefetch(item.size)
-            while True:
-                chunk = remote.read(READ_CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                received += len(chunk)
-            after = remote.stat()
+            small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
+            if small is not None:
+                out.write(small)
+                received = len(small)
+            else:
+                if item.size:
+                    remote.prefetch(item.size)
+                while True:
+                    chunk = remote.read(READ_CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    received += len(chunk)
+                after = remote.stat()
+                after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
+            _close_without_waiting(remote)
             out.flush()
             os.fsync(out.fileno())
-        if received != item.size or after.st_size != item.size or after.st_mtime != item.mtime:
+        if received != item.size or after_size != item.size or after_mtime != item.mtime:
             os.unlink(tmp)
             item.status = SKIPPED_GROWING
             item.reason = f"changed while reading (listed {item.size} bytes, read {received})"
