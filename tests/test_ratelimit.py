@@ -42,6 +42,17 @@ def test_allows_up_to_the_limit_then_refuses(tmp_path: Path, clock: Clock) -> No
     assert limiter.count("customer:home", 100.0) == 5
 
 
+def test_peek_counts_nothing(tmp_path: Path, clock: Clock) -> None:
+    limiter = RateLimiter(tmp_path / "rl.db", clock=clock)
+    assert limiter.peek("k", 1, 60).allowed
+    assert limiter.peek("k", 1, 60).allowed
+    limiter.reserve("k", 1, 60)
+    clock.now += 10
+    d = limiter.peek("k", 1, 60)
+    assert not d.allowed and d.retry_after == 50
+    assert limiter.count("k", 60) == 1
+
+
 def test_window_slides(tmp_path: Path, clock: Clock) -> None:
     limiter = RateLimiter(tmp_path / "rl.db", clock=clock)
     assert limiter.reserve("k", 2, 10.0).allowed

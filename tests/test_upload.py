@@ -548,6 +548,28 @@ def test_51st_admin_upload_is_429_and_stays_429_after_a_restart(box: Box) -> Non
     assert r.status_code == 202
 
 
+def test_spent_budget_is_refused_before_100_continue(tmp_path: Path) -> None:
+    box = Box(tmp_path, SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT="1")
+    server = box.start()
+    try:
+        headers = {"x-smt-upload-role": "customer", "x-smt-upload-account-key": "home-7"}
+        assert upload(server, csv_bytes(25), headers=headers).status_code == 202
+        body = multipart([("file", "b.csv", csv_bytes(26))])
+        head = post_head(
+            server.port,
+            len(body),
+            {"Expect": "100-continue", "x-smt-upload-token": TOKEN, **headers},
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 429"), answer
+        assert b"Retry-After:" in answer and b"100 Continue" not in answer
+        assert len(box.inbox_names()) == 1
+    finally:
+        server.ensure_stopped()
+
+
 def test_customer_limit_from_form_fields_and_window(tmp_path: Path) -> None:
     box = Box(
         tmp_path,

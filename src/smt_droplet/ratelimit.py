@@ -107,6 +107,27 @@ class RateLimiter:
             reservation=cursor.lastrowid,
         )
 
+    def peek(self, key: str, limit: int, window: float) -> Decision:
+        """Would :meth:`reserve` allow ``key`` now? Counts nothing."""
+        now = self._clock()
+        try:
+            count, oldest = self._db.execute(
+                "SELECT COUNT(*), MIN(ts) FROM uploads WHERE key = ? AND ts > ?",
+                (key, now - window),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise RateLimitError(f"upload limiter database {self.path}: {exc}") from exc
+        reset_at = (oldest if oldest is not None else now) + window
+        allowed = count < limit
+        return Decision(
+            allowed=allowed,
+            key=key,
+            limit=limit,
+            remaining=max(0, limit - count),
+            reset_at=reset_at,
+            retry_after=0 if allowed else max(1, int(reset_at - now + 0.999)),
+        )
+
     def release(self, reservation: int | None) -> None:
         """Give back a slot reserved for an upload that was not accepted after all."""
         if reservation is None:

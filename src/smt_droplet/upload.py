@@ -175,6 +175,15 @@ class UploadService:
         """``Expect: 100-continue``: refuse before the client sends a byte of the body."""
         started = time.monotonic()
         rejected = self._precheck(request)
+        if rejected is None and (
+            request.headers.get(ROLE_HEADER) or request.headers.get(ACCOUNT_HEADER)
+        ):
+            try:
+                self._peek_limit(request)
+            except _Reject as reject:
+                rejected = reject.response
+            except RateLimitError as exc:
+                log.error("%s", exc)  # the handler answers 503 after 100-continue
         if rejected is not None:
             rejected.force_close()
             log_access(request, rejected.status, rejected.content_length or 0, started)
@@ -205,6 +214,30 @@ class UploadService:
             )
         return role, account
 
+    def _limits(self, role: str) -> tuple[int, float]:
+        if role == "admin":
+            return self.settings.admin_limit, self.settings.admin_window
+        return self.settings.customer_limit, self.settings.customer_window
+
+    def _limited(
+        self, request: web.Request, role: str, account: str, decision: Decision
+    ) -> _Reject:
+        period = "24-hour" if role == "admin" else "30-day"
+        return _Reject(
+            json_error(
+                request,
+                429,
+                "rate_limited",
+                f"{role.capitalize()} upload limit reached for the current {period} window",
+                headers={"Retry-After": str(decision.retry_after)},
+                role=role,
+                accountKey=account or None,
+                limit=decision.limit,
+                remaining=0,
+                resetAt=iso_utc(decision.reset_at),
+            )
+        )
+
     def _reserve(self, request: web.Request, attempt: _Attempt) -> None:
         role, account = self._identity(request, attempt)
         key = self._key(request, role, account)
@@ -213,29 +246,18 @@ class UploadService:
                 return
             self.limiter.release(attempt.decision.reservation)
             attempt.decision = None
-        if role == "admin":
-            limit, window = self.settings.admin_limit, self.settings.admin_window
-        else:
-            limit, window = self.settings.customer_limit, self.settings.customer_window
-        decision = self.limiter.reserve(key, limit, window)
+        decision = self.limiter.reserve(key, *self._limits(role))
         attempt.role, attempt.account = role, account
         if not decision.allowed:
-            period = "24-hour" if role == "admin" else "30-day"
-            raise _Reject(
-                json_error(
-                    request,
-                    429,
-                    "rate_limited",
-                    f"{role.capitalize()} upload limit reached for the current {period} window",
-                    headers={"Retry-After": str(decision.retry_after)},
-                    role=role,
-                    accountKey=account or None,
-                    limit=decision.limit,
-                    remaining=0,
-                    resetAt=iso_utc(decision.reset_at),
-                )
-            )
+            raise self._limited(request, role, account, decision)
         attempt.decision = decision
+
+    def _peek_limit(self, request: web.Request) -> None:
+        """For ``Expect: 100-continue`` with identity headers: refuse a spent budget early."""
+        role, account = self._identity(request, _Attempt())
+        decision = self.limiter.peek(self._key(request, role, account), *self._limits(role))
+        if not decision.allowed:
+            raise self._limited(request, role, account, decision)
 
     # -- the body ----------------------------------------------------------------------------
 
@@ -484,7 +506,7 @@ class UploadService:
         except TimeoutError:
             return json_error(request, 408, "timeout", "the upload took too long")
         except _BODY_ERRORS as exc:
-            log.info("upload from %s cut off: %s", request.remote, exc)
+            log.debug("upload from %s cut off: %s", request.remote, exc)
             return json_error(request, 400, "incomplete_body", "the upload was cut off")
         except ValueError as exc:  # aiohttp's multipart parser on a malformed body
             return json_error(request, 400, "bad_multipart", f"malformed multipart body: {exc}")
