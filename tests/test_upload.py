@@ -174,6 +174,18 @@ def test_upload_is_stored_hashed_and_queued(box: Box, server: ServerProcess) -> 
     assert TOKEN not in log
 
 
+def test_esiid_and_meter_fields_reach_the_spool_request(box: Box, server: ServerProcess) -> None:
+    r = upload(server, csv_bytes(17), fields={"esiid": "'10443720004529147", "meter": "M2"})
+    assert r.status_code == 202
+    (request,) = box.queued()
+    assert request["esiid"] == "10443720004529147" and request["meter"] == "M2"
+    r = upload(server, csv_bytes(18), fields={"esiid": "123"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_esiid"
+    r = upload(server, csv_bytes(19), fields={"meter": "M1;reboot"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_meter"
+    assert len(box.inbox_names()) == 1 and len(box.queued()) == 1
+
+
 def test_health_and_unknown_routes(box: Box, server: ServerProcess) -> None:
     r = requests.get(server.url("/health"), timeout=5)
     assert r.status_code == 200

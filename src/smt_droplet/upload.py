@@ -19,6 +19,9 @@ Order of checks, cheapest and safest first, so a rejected request never writes a
    overwrites; ``-1``, ``-2``... on a clash), fsync the inbox, queue a spool request (fsynced)
    → 202.
 
+Optional form fields ``esiid`` (17 digits) and ``meter`` travel with the spool request and become
+that file's attribution default in the ingest pass (the file's own ESIID still wins).
+
 Every failure path removes the partial file (``finally``), including a client that disconnects
 mid-body and a SIGTERM that outlasts the shutdown grace. An upload counts against the limit once
 its body has been received (stored or duplicate); uploads rejected for size, type or a broken body
@@ -56,6 +59,7 @@ from .httpserver import (
     set_outcome,
 )
 from .ratelimit import Decision, RateLimiter, RateLimitError
+from .webhook import TriggerError, validate_esiid, validate_meter
 
 log = logging.getLogger("smt_droplet.upload")
 
@@ -125,6 +129,8 @@ class _Attempt:
     original: str = ""
     role: str = ""
     account: str = ""
+    esiid: str | None = None
+    meter: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -344,13 +350,18 @@ class UploadService:
                         )
                     )
                 await self._stream_file(request, part, attempt)
-            elif part.name in ("role", "accountKey"):
+            elif part.name in ("role", "accountKey", "esiid", "meter"):
                 attempt.fields[part.name] = await self._read_field(request, part, MAX_FIELD)
             else:
                 await self._read_field(request, part, MAX_EXTRA_FIELD)  # ignored, bounded
         if not file_seen:
             raise _Reject(json_error(request, 400, "missing_file", "No file uploaded"))
         self._reserve(request, attempt)  # fields after the file may name another key
+        try:
+            attempt.esiid = validate_esiid(attempt.fields.get("esiid"))
+            attempt.meter = validate_meter(attempt.fields.get("meter"))
+        except TriggerError as exc:
+            raise _Reject(json_error(request, 400, exc.code, exc.message)) from None
 
     # -- after the body ----------------------------------------------------------------------
 
@@ -443,6 +454,8 @@ class UploadService:
                     "upload",
                     filename=final,
                     reason="upload",
+                    esiid=attempt.esiid,
+                    meter=attempt.meter,
                     extra={
                         "sha256": attempt.sha256,
                         "sizeBytes": attempt.size,

@@ -73,6 +73,31 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() == "")
 
 
+def validate_esiid(value: Any) -> str | None:
+    """``None`` for blank, the 17 ASCII digits (one SMT apostrophe each side stripped), or raise."""
+    if isinstance(value, bool) or not (_blank(value) or isinstance(value, str | int)):
+        raise TriggerError("bad_esiid", "esiid must be a 17-digit string")
+    if _blank(value):
+        return None
+    esiid = str(value).strip()
+    if esiid.startswith("'"):
+        esiid = esiid[1:]
+    if esiid.endswith("'"):
+        esiid = esiid[:-1]
+    if not _ESIID.match(esiid):
+        raise TriggerError("bad_esiid", "esiid must be exactly 17 digits")
+    return esiid
+
+
+def validate_meter(value: Any) -> str | None:
+    """``None`` for blank, a short meter id (``M1``), or raise."""
+    if _blank(value):
+        return None
+    if not isinstance(value, str) or not _METER.match(value.strip()):
+        raise TriggerError("bad_meter", "meter must be 1-32 characters of A-Z a-z 0-9 . _ -")
+    return value.strip()
+
+
 def parse_trigger(body: bytes) -> Trigger:
     """Validate the optional JSON body ``{reason, esiid, meter, forceRepost}``.
 
@@ -95,27 +120,8 @@ def parse_trigger(body: bytes) -> Trigger:
         raise TriggerError("bad_reason", "reason must be a string")
     reason = None if _blank(reason) else _CONTROL.sub(" ", reason.strip())[:MAX_REASON]
 
-    esiid = data.get("esiid")
-    if isinstance(esiid, bool) or not (_blank(esiid) or isinstance(esiid, str | int)):
-        raise TriggerError("bad_esiid", "esiid must be a 17-digit string")
-    if _blank(esiid):
-        esiid = None
-    else:
-        esiid = str(esiid).strip()
-        if esiid.startswith("'"):
-            esiid = esiid[1:]
-        if esiid.endswith("'"):
-            esiid = esiid[:-1]
-        if not _ESIID.match(esiid):
-            raise TriggerError("bad_esiid", "esiid must be exactly 17 digits")
-
-    meter = data.get("meter")
-    if _blank(meter):
-        meter = None
-    elif not isinstance(meter, str) or not _METER.match(meter.strip()):
-        raise TriggerError("bad_meter", "meter must be 1-32 characters of A-Z a-z 0-9 . _ -")
-    else:
-        meter = meter.strip()
+    esiid = validate_esiid(data.get("esiid"))
+    meter = validate_meter(data.get("meter"))
 
     force = data.get("forceRepost")
     if force is None:
