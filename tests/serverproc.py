@@ -92,7 +92,10 @@ class ServerProcess:
 
 
 def run_once(
-    command: str, env: dict[str, str], timeout: float = 15.0
+    command: str,
+    env: dict[str, str],
+    timeout: float = 15.0,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """Run a server command that is expected to exit by itself (refusing to start)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "INTELLIWATT_"))}
@@ -100,7 +103,7 @@ def run_once(
     full["PYTHONPATH"] = str(ROOT / "src")
     full.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "smt_droplet", command],
+        [sys.executable, "-m", "smt_droplet", command, *extra_args],
         env=full,
         capture_output=True,
         text=True,

@@ -732,3 +732,39 @@ def test_sniffer() -> None:
     assert looks_like_csv(b"a,b" * 5000, at_eof=False)[0] is False
     assert looks_like_csv(b"\xff\xfea,b\n", at_eof=True)[0] is False
     assert looks_like_csv(b"a,\x1bb\n", at_eof=True)[0] is False
+
+
+# -- end to end with the real ingest pass ---------------------------------------------------------
+
+
+def test_upload_then_ingest_pass_posts_it_and_a_reupload_is_a_duplicate(
+    tmp_path: Path, webapp, smt_csv
+) -> None:
+    """Upload server → spool → ``smt-droplet ingest --no-sync`` → the web-app double → ledger."""
+    box = Box(tmp_path)
+    server = box.start()
+    try:
+        data = smt_csv(esiid="10443720004529147", days=1, seed=3)
+        r = upload(server, data, name="my export.csv", fields={"meter": "M7"})
+        assert r.status_code == 202, r.text
+        stored = r.json()["filename"]
+        ingest_env = {
+            "ADMIN_TOKEN": webapp.admin_token,
+            "INTELLIWATT_BASE_URL": webapp.url,
+            "SMT_LOCAL_DIR": str(box.inbox),
+            "SMT_SPOOL_DIR": str(box.spool),
+            "SMT_HTTP_TIMEOUT": "10",
+        }
+        result = run_once("ingest", ingest_env, extra_args=("--no-sync",), timeout=60)
+        assert result.returncode == 0, result.stderr
+        (posted,) = webapp.received()
+        assert posted["filename"] == stored
+        assert posted["esiid"] == "10443720004529147"
+        assert posted["meter"] == "M7"  # the upload's meter field, via the spool request
+        assert posted["sha256"] == r.json()["sha256"]
+        assert box.queued() == []  # the pass consumed the upload's request
+        again = upload(server, data, name="copy.csv")
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        assert box.queued() == [] and len([n for n in box.inbox_names() if n.endswith(".csv")]) == 1
+    finally:
+        server.ensure_stopped()
