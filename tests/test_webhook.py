@@ -452,3 +452,39 @@ def test_anything_but_17_digits_is_a_bad_esiid(value: str) -> None:
     with pytest.raises(TriggerError) as info:
         parse_trigger(json.dumps({"esiid": value}).encode())
     assert info.value.code == "bad_esiid"
+
+
+# -- end to end with the real ingest pass ---------------------------------------------------------
+
+
+def test_force_repost_trigger_makes_the_next_pass_repost(
+    tmp_path: Path, webapp, smt_csv, inbox: Path
+) -> None:
+    """webhook → spool → ``smt-droplet ingest --no-sync`` honours ``forceRepost``."""
+    hook = Hook(tmp_path)
+    server = hook.start()
+    try:
+        smt_csv.write(inbox, esiid="10443720004529147", seed=5)
+        env = {
+            "ADMIN_TOKEN": webapp.admin_token,
+            "INTELLIWATT_BASE_URL": webapp.url,
+            "SMT_LOCAL_DIR": str(inbox),
+            "SMT_SPOOL_DIR": str(hook.spool),
+            "SMT_HTTP_TIMEOUT": "10",
+        }
+
+        def ingest() -> None:
+            result = run_once("ingest", env, extra_args=("--no-sync",), timeout=60)
+            assert result.returncode == 0, result.stderr
+
+        ingest()
+        assert len(webapp.received()) == 1
+        assert trigger(server, {"reason": "plain"}).status_code == 202
+        ingest()
+        assert len(webapp.received()) == 1  # already in the ledger: not posted again
+        assert trigger(server, {"reason": "again", "forceRepost": True}).status_code == 202
+        ingest()
+        assert len(webapp.received()) == 2
+        assert hook.queued() == []
+    finally:
+        server.ensure_stopped()
