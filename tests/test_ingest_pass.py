@@ -364,3 +364,18 @@ def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:  # typ
     human = cli(["status"], env).stdout
     assert "posted" in human and "manual.csv" in human
     assert cli(["post", str(path), "--esiid", "123"], env).returncode == 2
+
+
+def test_unchanged_files_are_not_rehashed(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+    """The (path, size, mtime) cache is used: same-size rewrite with the old mtime goes unseen,
+    a real change (new mtime) is noticed and posted."""
+    path = smt_csv.write(inbox, name=f"a_{IN_NAME}.csv", esiid=IN_NAME)
+    assert run_pass(env, sync=False).counts() == {"posted": 1}
+    st = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"Consumption", b"CONSUMPTION", 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_pass(env, sync=False).counts() == {"skipped-already-posted": 1}
+    os.utime(path, (OLD, OLD))
+    assert run_pass(env, sync=False).counts() == {"posted": 1}
+    assert len(webapp.received()) == 2

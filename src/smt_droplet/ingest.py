@@ -424,7 +424,12 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
     queue_dir = spool_dir(env)
     result = PassResult()
     with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
-        requests = spool.claim(queue_dir) if use_spool and queue_dir.is_dir() else []
+        requests: list[spool.Request] = []
+        if use_spool and queue_dir.is_dir():
+            try:
+                requests = spool.claim(queue_dir)
+            except OSError as exc:  # a permissions slip must not stop the timer's pass
+                log.error("cannot claim spool requests in %s: %s", queue_dir, exc)
         result.requests = len(requests)
         if requests:
             log.info("serving %d queued request(s)", len(requests))
@@ -444,7 +449,10 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
         finally:
             log.info("%s", result.summary_line())
             if requests:
-                spool.finish(queue_dir, requests)
+                try:
+                    spool.finish(queue_dir, requests)
+                except OSError as exc:
+                    log.error("cannot remove served spool requests: %s", exc)
             if queue_dir.is_dir():
                 spool.write_last_result(queue_dir, result.to_dict())
     return result
