@@ -71,7 +71,9 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise EnvFileError(f"cannot read environment file {os.fspath(path)}: {exc.strerror}") from exc
+        raise EnvFileError(
+            f"cannot read environment file {os.fspath(path)}: {exc.strerror}"
+        ) from exc
     return parse_env_text(text, os.fspath(path))
 
 
