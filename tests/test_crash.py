@@ -39,7 +39,7 @@ def env(ingest_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def remote_files(peer: SftpPeer, smt_csv, count: int = 4) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def remote_files(peer: SftpPeer, smt_csv, count: int = 4) -> dict[str, str]:
     """name → sha256 of small SMT files on the SFTP peer."""
     out = {}
     for i in range(count):
@@ -76,7 +76,7 @@ def kill(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=10)
 
 
-def wait_for(predicate, timeout: float = 20.0, step: float = 0.002) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float = 20.0, step: float = 0.002) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -98,7 +98,7 @@ def check_exactly_once(webapp: IntelliWattDouble, inbox: Path, expected: dict[st
     assert not [p for p in inbox.rglob(".*.partial")]
 
 
-def test_sigkill_during_download(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_during_download(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     expected = remote_files(sftp_peer, smt_csv)
     name, digest = big_remote_file(sftp_peer, 50)
     expected[name] = digest
@@ -117,7 +117,7 @@ def test_sigkill_during_download(env, sftp_peer, smt_csv, webapp, inbox) -> None
     assert hashlib.sha256((inbox / name).read_bytes()).hexdigest() == digest
 
 
-def test_sigkill_during_post(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_during_post(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     expected = remote_files(sftp_peer, smt_csv)
     webapp.stall_next(1, 1.5)
     proc = start_pass(env)
@@ -135,7 +135,7 @@ def test_sigkill_during_post(env, sftp_peer, smt_csv, webapp, inbox) -> None:  #
     check_exactly_once(webapp, inbox, expected)
 
 
-def test_sigkill_at_random_instants(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_at_random_instants(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     expected = remote_files(sftp_peer, smt_csv, count=12)
     rng = random.Random(20251126)
     for _ in range(6):
@@ -151,7 +151,7 @@ def test_sigkill_at_random_instants(env, sftp_peer, smt_csv, webapp, inbox) -> N
     check_exactly_once(webapp, inbox, expected)
 
 
-def test_two_passes_at_once_post_each_file_once(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_two_passes_at_once_post_each_file_once(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     expected = remote_files(sftp_peer, smt_csv, count=6)
     webapp.stall_next(1, 0.5)  # make the first pass hold the lock a while
     procs = [start_pass(env), start_pass(env)]
@@ -161,7 +161,7 @@ def test_two_passes_at_once_post_each_file_once(env, sftp_peer, smt_csv, webapp,
     check_exactly_once(webapp, inbox, expected)
 
 
-def test_busy_lock_with_no_wait_exits_0(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_busy_lock_with_no_wait_exits_0(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     expected = remote_files(sftp_peer, smt_csv, count=2)
     webapp.stall_next(1, 2.0)
     first = start_pass(env)

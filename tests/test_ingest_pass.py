@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -42,14 +43,14 @@ def env(ingest_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def put(peer: SftpPeer, smt_csv, name: str, esiid: str, seed: int = 0, days: int = 1) -> Path:  # type: ignore[no-untyped-def]
+def put(peer: SftpPeer, smt_csv, name: str, esiid: str, seed: int = 0, days: int = 1) -> Path:
     path = smt_csv.write(peer.root, name=name, esiid=esiid, seed=seed, days=days)
     os.utime(path, (OLD, OLD))
     return path
 
 
 @pytest.fixture
-def three_files(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def three_files(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:
     """ESIID only in the name, only in the content (sub-directory, meter M2), in neither."""
     named = put(sftp_peer, smt_csv, f"IntervalMeterUsage_{IN_NAME}_20250308.csv", IN_NAME, 1)
     content = put(sftp_peer, smt_csv, "exports/interval_M2_week.csv", IN_CONTENT, 2)
@@ -62,13 +63,13 @@ def three_files(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:  # type: ignor
     return {"named": named, "content": content, "neither": neither}
 
 
-def by_name(webapp: IntelliWattDouble) -> dict[str, dict]:  # type: ignore[type-arg]
+def by_name(webapp: IntelliWattDouble) -> dict[str, dict]:
     return {r["filename"]: r for r in webapp.received()}
 
 
 def test_first_pass_posts_each_file_once_with_esiid_and_meter(
     env, three_files, webapp, inbox
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     result = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
     assert result.exit_code == 0, result.summary_line()
     got = by_name(webapp)
@@ -95,7 +96,7 @@ def test_first_pass_posts_each_file_once_with_esiid_and_meter(
     assert ledger == {sha(p) for p in three_files.values()}
 
 
-def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> None:
     first = run_pass(env)
     assert first.exit_code == 1
     assert "no_esiid_anywhere.csv" not in by_name(webapp)
@@ -107,7 +108,7 @@ def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> 
 
 def test_second_pass_posts_nothing_new_file_only_it(
     env, three_files, webapp, sftp_peer, smt_csv
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     env = {**env, "ESIID_DEFAULT": DEFAULT}
     run_pass(env)
     assert len(webapp.requests()) == 3
@@ -125,7 +126,7 @@ def test_second_pass_posts_nothing_new_file_only_it(
 
 def test_changed_host_key_refuses_and_posts_nothing(
     env, three_files, webapp, sftp_peer, inbox, smt_csv
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     smt_csv.write(inbox, name=f"upload_{IN_NAME}.csv", esiid=IN_NAME)  # already local
     sftp_peer.rotate_host_key()
     result = run_pass(env)
@@ -134,7 +135,7 @@ def test_changed_host_key_refuses_and_posts_nothing(
     assert not (inbox / ".posted_sha256").exists()
 
 
-def test_500_twice_then_200_posts_once(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_500_twice_then_200_posts_once(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
     webapp.fail_next(2, 500)
     result = run_pass(env)
@@ -143,7 +144,7 @@ def test_500_twice_then_200_posts_once(env, sftp_peer, smt_csv, webapp, inbox) -
     assert len(read_posted_digests(inbox / ".posted_sha256")) == 1
 
 
-def test_retries_exhausted_leave_file_for_next_pass(env, sftp_peer, smt_csv, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_retries_exhausted_leave_file_for_next_pass(env, sftp_peer, smt_csv, webapp) -> None:
     put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
     webapp.fail_next(4, 503 - 1)  # 502, four times = all attempts
     first = run_pass(env)
@@ -152,7 +153,7 @@ def test_retries_exhausted_leave_file_for_next_pass(env, sftp_peer, smt_csv, web
     assert second.exit_code == 0 and second.counts() == {"posted": 1}
 
 
-def test_401_stops_the_pass_and_leaves_ledger_untouched(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_401_stops_the_pass_and_leaves_ledger_untouched(env, three_files, webapp, inbox) -> None:
     state = inbox / ".posted_sha256"
     state.write_text("0" * 64 + "\n")
     before = state.read_bytes()
@@ -163,7 +164,7 @@ def test_401_stops_the_pass_and_leaves_ledger_untouched(env, three_files, webapp
     assert state.read_bytes() == before
 
 
-def test_oversized_file_is_marked_and_never_sent(env, sftp_peer, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_file_is_marked_and_never_sent(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     big = sftp_peer.root / f"big_{IN_NAME}.csv"
     big.write_bytes(os.urandom(1_200_000))
     os.utime(big, (OLD, OLD))
@@ -181,7 +182,7 @@ def test_oversized_file_is_marked_and_never_sent(env, sftp_peer, smt_csv, webapp
 
 def test_rejected_file_is_not_retried_until_forgotten(
     env, sftp_peer, smt_csv, webapp, inbox
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     path = put(sftp_peer, smt_csv, f"a_{IN_NAME}.csv", IN_NAME)
     webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_DISABLED"})
     first = run_pass(env)
@@ -199,7 +200,7 @@ def test_rejected_file_is_not_retried_until_forgotten(
     assert run_pass(env).counts() == {"posted": 1}
 
 
-def test_growing_remote_file_is_not_posted_that_pass(env, sftp_peer, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_growing_remote_file_is_not_posted_that_pass(env, sftp_peer, webapp, inbox) -> None:
     growing = sftp_peer.root / f"IntervalMeterUsage_{IN_NAME}_grow.csv"
     growing.write_bytes(b"ESIID,USAGE_KWH\n" + b"'10443720000000011,1.0\n" * 800_000)
     stop = threading.Event()
@@ -227,14 +228,12 @@ def test_growing_remote_file_is_not_posted_that_pass(env, sftp_peer, webapp, inb
     assert webapp.received()[0]["content"] == growing.read_bytes()
 
 
-def test_existing_old_ledger_is_honoured(env, three_files, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_existing_old_ledger_is_honoured(env, three_files, webapp, inbox, sftp_peer) -> None:
     # An old droplet: files already mirrored and posted, CRLF ledger from a Windows editor.
     for p in three_files.values():
-        target = inbox / p.relative_to(
-            p.parents[len(p.relative_to(three_files["named"].parent).parts) - 1]
-        )
+        target = inbox / p.relative_to(sftp_peer.root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(p.read_bytes())
+        shutil.copy2(p, target)
     digests = [sha(p) for p in three_files.values()]
     (inbox / ".posted_sha256").write_bytes("".join(d + "\r\n" for d in digests[:2]).encode())
     result = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
@@ -242,14 +241,14 @@ def test_existing_old_ledger_is_honoured(env, three_files, webapp, inbox) -> Non
     assert [r["sha256"] for r in webapp.received()] == [digests[2]]
 
 
-def test_sync_failure_still_posts_local_files_and_exits_1(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_sync_failure_still_posts_local_files_and_exits_1(env, smt_csv, webapp, inbox) -> None:
     smt_csv.write(inbox, name=f"upload_{IN_NAME}.csv", esiid=IN_NAME)
     result = run_pass({**env, "SMT_PORT": "1", "SMT_SFTP_RETRIES": "0"})
     assert result.exit_code == 1 and result.sync_error
     assert result.counts() == {"posted": 1}
 
 
-def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_path) -> None:
     queue_dir = Path(env["SMT_SPOOL_DIR"])
     spool.ensure_layout(queue_dir)
     smt_csv.write(inbox, name=f"posted_before_{IN_NAME}.csv", esiid=IN_NAME, seed=3)
@@ -276,7 +275,7 @@ def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_
     assert "finished_at" in last and last["requests"] == 2
 
 
-def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:
     queue_dir = Path(env["SMT_SPOOL_DIR"])
     spool.ensure_layout(queue_dir)
     (inbox / "anon.csv").write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
@@ -292,7 +291,7 @@ def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:  # t
 # -- the command line -------------------------------------------------------------------------
 
 
-def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
     return subprocess.run(
         [sys.executable, "-m", "smt_droplet", *args],
@@ -307,7 +306,7 @@ def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProce
 
 def test_cli_ingest_with_env_file_logs_per_file_and_never_the_token(
     env, three_files, webapp, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     env_file = tmp_path / "intelliwatt-smt"
     env_file.write_text(
         "".join(f'{k}="{v}"\r\n' for k, v in {**env, "ESIID_DEFAULT": DEFAULT}.items())
@@ -323,7 +322,7 @@ def test_cli_ingest_with_env_file_logs_per_file_and_never_the_token(
     assert again.returncode == 0 and "skipped-already-posted=3" in again.stderr
 
 
-def test_cli_missing_setting_exits_2_before_network(env, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_cli_missing_setting_exits_2_before_network(env, webapp) -> None:
     partial = {k: v for k, v in env.items() if k != "SMT_HOST"}
     proc = cli(["ingest"], partial)
     assert proc.returncode == 2 and "SMT_HOST is not set" in proc.stderr
@@ -333,7 +332,7 @@ def test_cli_missing_setting_exits_2_before_network(env, webapp) -> None:  # typ
     assert webapp.requests() == []
 
 
-def test_cli_ingest_without_aiohttp(env, three_files, webapp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_ingest_without_aiohttp(env, three_files, webapp, tmp_path) -> None:
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "aiohttp.py").write_text("raise ImportError('aiohttp must not be imported')\n")
@@ -344,7 +343,7 @@ def test_cli_ingest_without_aiohttp(env, three_files, webapp, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:
     path = smt_csv.write(inbox, name="manual.csv", esiid=IN_NAME)
     status = json.loads(cli(["status", "--json"], env).stdout)
     assert [(f["path"], f["state"]) for f in status["files"]] == [("manual.csv", "pending")]
@@ -366,7 +365,7 @@ def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:  # typ
     assert cli(["post", str(path), "--esiid", "123"], env).returncode == 2
 
 
-def test_unchanged_files_are_not_rehashed(env, smt_csv, webapp, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_unchanged_files_are_not_rehashed(env, smt_csv, webapp, inbox) -> None:
     """The (path, size, mtime) cache is used: same-size rewrite with the old mtime goes unseen,
     a real change (new mtime) is noticed and posted."""
     path = smt_csv.write(inbox, name=f"a_{IN_NAME}.csv", esiid=IN_NAME)
@@ -379,3 +378,14 @@ def test_unchanged_files_are_not_rehashed(env, smt_csv, webapp, inbox) -> None: 
     os.utime(path, (OLD, OLD))
     assert run_pass(env, sync=False).counts() == {"posted": 1}
     assert len(webapp.received()) == 2
+
+
+def test_cli_sync_only_downloads(env, three_files, webapp, inbox, sftp_peer) -> None:
+    proc = cli(["sync"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "summary downloaded=3" in proc.stderr
+    assert (inbox / "exports" / "interval_M2_week.csv").is_file()
+    assert webapp.requests() == []
+    sftp_peer.rotate_host_key()
+    proc = cli(["sync"], env)
+    assert proc.returncode == 2 and "CHANGED" in proc.stderr and "ssh-keygen -R" in proc.stderr

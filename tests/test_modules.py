@@ -87,7 +87,7 @@ def local_play(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def remote(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def remote(sftp_peer: SftpPeer, smt_csv) -> dict[str, Path]:
     named = smt_csv.write(sftp_peer.root, name=f"IntervalMeterUsage_{ESIID}_1.csv", seed=1)
     inner = smt_csv.write(sftp_peer.root, name="sub/export_M3.csv", esiid=CONTENT_ESIID, seed=2)
     for p in (named, inner):
@@ -135,7 +135,7 @@ def test_ansible_doc_renders_both_modules() -> None:
         assert option in proc.stdout and "EXAMPLES" in proc.stdout and "RETURN" in proc.stdout
 
 
-def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, remote) -> None:  # type: ignore[no-untyped-def]
+def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, remote) -> None:
     plays = local_play(
         [
             {"name": "sync", "smt_sftp_sync": sync_args(sftp_peer, inbox), "register": "s"},
@@ -144,7 +144,7 @@ def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, 
     )
     proc, parsed = run_playbook(tmp_path, plays, "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = task_results(parsed)  # type: ignore[arg-type]
+    res = task_results(parsed)
     assert res["sync"]["changed"] is True
     assert sorted(res["sync"]["downloaded"]) == [remote["named"].name, "sub/export_M3.csv"]
     assert {f["status"] for f in res["sync"]["files"]} == {"would-download"}
@@ -153,7 +153,7 @@ def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, 
 
     proc, parsed = run_playbook(tmp_path, plays)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = task_results(parsed)  # type: ignore[arg-type]
+    res = task_results(parsed)
     assert res["sync"]["changed"] is True and len(res["sync"]["downloaded"]) == 2
     posted = {r["path"]: r for r in res["post"]["results"]}
     assert res["post"]["changed"] is True and res["post"]["summary"] == {"posted": 2}
@@ -166,7 +166,7 @@ def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, 
     assert webapp.admin_token not in proc.stdout + proc.stderr
 
     proc, parsed = run_playbook(tmp_path, plays)
-    res = task_results(parsed)  # type: ignore[arg-type]
+    res = task_results(parsed)
     assert res["sync"]["changed"] is False and res["post"]["changed"] is False
     assert res["post"]["summary"] == {"skipped-already-posted": 2}
     assert len(webapp.requests()) == 2
@@ -174,7 +174,7 @@ def test_sync_and_post_check_mode_then_real(tmp_path, sftp_peer, webapp, inbox, 
 
 def test_post_with_env_file_check_mode_and_token_never_shown(
     tmp_path, webapp, inbox, smt_csv
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     smt_csv.write(inbox, name=f"upload_{ESIID}.csv", seed=5)
     (inbox / "anon.csv").write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
     env_file = tmp_path / "intelliwatt-smt"
@@ -188,7 +188,7 @@ def test_post_with_env_file_check_mode_and_token_never_shown(
     plays = local_play([{"name": "post", **task, "register": "p"}])
     proc, parsed = run_playbook(tmp_path, plays, "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = task_results(parsed)["post"]  # type: ignore[arg-type]
+    res = task_results(parsed)["post"]
     assert res["changed"] is True
     assert {r["outcome"] for r in res["results"]} == {"would-post"}
     assert webapp.requests() == [] and not state.exists()
@@ -202,23 +202,23 @@ def test_post_with_env_file_check_mode_and_token_never_shown(
     assert len(read_posted_digests(state)) == 2
 
 
-def test_post_401_fails_the_task_and_leaves_ledger(tmp_path, webapp, inbox, smt_csv) -> None:  # type: ignore[no-untyped-def]
+def test_post_401_fails_the_task_and_leaves_ledger(tmp_path, webapp, inbox, smt_csv) -> None:
     smt_csv.write(inbox, name=f"upload_{ESIID}.csv")
     args = {**post_args(webapp, inbox), "admin_token": "wrong-token-xyz-123"}
     proc, parsed = run_playbook(tmp_path, local_play([{"name": "post", "smt_inline_post": args}]))
     assert proc.returncode != 0
-    res = task_results(parsed)["post"]  # type: ignore[arg-type]
+    res = task_results(parsed)["post"]
     assert res["failed"] is True and "HTTP 401" in res["msg"]
     assert "wrong-token-xyz-123" not in proc.stdout + proc.stderr
     assert not (inbox / ".posted_sha256").exists()
 
 
-def test_sync_refuses_changed_host_key(tmp_path, sftp_peer, inbox, remote) -> None:  # type: ignore[no-untyped-def]
+def test_sync_refuses_changed_host_key(tmp_path, sftp_peer, inbox, remote) -> None:
     sftp_peer.rotate_host_key()
     plays = local_play([{"name": "sync", "smt_sftp_sync": sync_args(sftp_peer, inbox)}])
     proc, parsed = run_playbook(tmp_path, plays)
     assert proc.returncode != 0
-    res = task_results(parsed)["sync"]  # type: ignore[arg-type]
+    res = task_results(parsed)["sync"]
     assert "host key refused" in res["msg"] and "CHANGED" in res["msg"]
     assert [p.name for p in inbox.iterdir()] == [".posted_sha256.lock"]
 
@@ -228,14 +228,14 @@ def test_sync_refuses_changed_host_key(tmp_path, sftp_peer, inbox, remote) -> No
     == 0,
     reason="the system python has paramiko",
 )
-def test_missing_paramiko_names_the_package(tmp_path, sftp_peer, inbox) -> None:  # type: ignore[no-untyped-def]
+def test_missing_paramiko_names_the_package(tmp_path, sftp_peer, inbox) -> None:
     plays = local_play([{"name": "sync", "smt_sftp_sync": sync_args(sftp_peer, inbox)}])
     _, parsed = run_playbook(tmp_path, plays, python="/usr/bin/python3")
-    res = task_results(parsed)["sync"]  # type: ignore[arg-type]
+    res = task_results(parsed)["sync"]
     assert res["failed"] is True and "python3-paramiko" in res["msg"]
 
 
-def test_ingest_now_playbook_check_then_real(tmp_path, sftp_peer, webapp, inbox, remote) -> None:  # type: ignore[no-untyped-def]
+def test_ingest_now_playbook_check_then_real(tmp_path, sftp_peer, webapp, inbox, remote) -> None:
     env_file = tmp_path / "intelliwatt-smt"
     settings = {
         "ADMIN_TOKEN": webapp.admin_token,

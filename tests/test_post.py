@@ -40,14 +40,14 @@ def settings(webapp: IntelliWattDouble, inbox: Path) -> PostSettings:
 
 
 @pytest.fixture
-def csv_file(inbox: Path, smt_csv) -> Path:  # type: ignore[no-untyped-def]
+def csv_file(inbox: Path, smt_csv) -> Path:
     return smt_csv.write(inbox, name=f"IntervalMeterUsage_{ESIID}_20250308.csv", esiid=ESIID)
 
 
 @pytest.fixture
 def session() -> requests.Session:
     with requests.Session() as s:
-        yield s  # type: ignore[misc]
+        yield s
 
 
 def test_body_follows_the_contract(csv_file: Path) -> None:
@@ -72,7 +72,7 @@ def test_body_follows_the_contract(csv_file: Path) -> None:
     assert len(enc.body) < len(data) * 0.6  # gzip pays off even on a one-day file
 
 
-def test_posted_then_duplicate(settings: PostSettings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_posted_then_duplicate(settings: PostSettings, session, csv_file, webapp) -> None:
     first = post_file(session, settings, csv_file, esiid=ESIID, meter="M2")
     assert first.outcome == inline_post.POSTED and first.app_id == "1" and first.attempts == 1
     second = post_file(session, settings, csv_file, esiid=ESIID, meter="M2")
@@ -83,13 +83,13 @@ def test_posted_then_duplicate(settings: PostSettings, session, csv_file, webapp
     assert not webapp.pull_triggers()
 
 
-def test_plain_base64_encoding(settings: PostSettings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_plain_base64_encoding(settings: PostSettings, session, csv_file, webapp) -> None:
     plain = replace(settings, encoding="base64")
     assert post_file(session, plain, csv_file, esiid=ESIID, meter="M1").outcome == "posted"
     assert webapp.received()[0]["encoding"] == "base64"
 
 
-def test_too_large_is_never_sent(settings: PostSettings, session, inbox, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_too_large_is_never_sent(settings: PostSettings, session, inbox, webapp) -> None:
     big = inbox / f"big_{ESIID}.csv"
     big.write_bytes(os.urandom(1_000_000))  # incompressible
     small_cap = replace(settings, max_body_bytes=1_000_000)
@@ -99,27 +99,27 @@ def test_too_large_is_never_sent(settings: PostSettings, session, inbox, webapp)
     assert webapp.requests() == []
 
 
-def test_500_twice_then_200(settings: PostSettings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_500_twice_then_200(settings: PostSettings, session, csv_file, webapp) -> None:
     webapp.fail_next(2, 500)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.POSTED and out.attempts == 3
     assert len(webapp.requests()) == 3 and len(webapp.received()) == 1
 
 
-def test_persistent_5xx_gives_up_after_retries(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_persistent_5xx_gives_up_after_retries(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(10, 500)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.FAILED and out.attempts == settings.retries + 1
     assert "HTTP 500" in out.reason and "STORAGE_FAILED" in out.reason
 
 
-def test_platform_413_is_retried(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_platform_413_is_retried(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(1, 413)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.POSTED and out.attempts == 2
 
 
-def test_429_honours_retry_after_capped(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_429_honours_retry_after_capped(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(1, 429, headers={"Retry-After": "0.3"})
     began = time.monotonic()
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
@@ -133,21 +133,21 @@ def test_429_honours_retry_after_capped(settings, session, csv_file, webapp) -> 
 @pytest.mark.parametrize("status", [401, 503])
 def test_auth_and_misconfiguration_are_fatal_without_retry(
     settings, session, csv_file, webapp, status: int
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     webapp.fail_next(5, status)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.FATAL and out.attempts == 1
     assert len(webapp.requests()) == 1
 
 
-def test_wrong_token_is_fatal(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_token_is_fatal(settings, session, csv_file, webapp) -> None:
     bad = replace(settings, admin_token="wrong-token-value")
     out = post_file(session, bad, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.FATAL and out.status == 401
     assert webapp.received() == []
 
 
-def test_other_4xx_is_rejected_with_the_app_code(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_other_4xx_is_rejected_with_the_app_code(settings, session, csv_file, webapp) -> None:
     out = post_file(session, settings, csv_file, esiid="12345", meter="M1")
     assert out.outcome == inline_post.REJECTED and out.reason == "MISSING_ESIID"
     webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_DISABLED"})
@@ -156,7 +156,7 @@ def test_other_4xx_is_rejected_with_the_app_code(settings, session, csv_file, we
     assert out.attempts == 1
 
 
-def test_stall_times_out_and_is_retried(settings, session, csv_file, webapp) -> None:  # type: ignore[no-untyped-def]
+def test_stall_times_out_and_is_retried(settings, session, csv_file, webapp) -> None:
     quick = replace(settings, http_timeout=1.0)
     webapp.stall_next(1, 2.0)
     out = post_file(session, quick, csv_file, esiid=ESIID, meter="M1")
@@ -165,13 +165,13 @@ def test_stall_times_out_and_is_retried(settings, session, csv_file, webapp) -> 
     assert out.outcome in (inline_post.POSTED, inline_post.DUPLICATE) and out.attempts >= 2
 
 
-def test_connection_refused_is_retryable(settings, session, csv_file) -> None:  # type: ignore[no-untyped-def]
+def test_connection_refused_is_retryable(settings, session, csv_file) -> None:
     dead = replace(settings, base_url="http://127.0.0.1:9", retries=1)
     out = post_file(session, dead, csv_file, esiid=ESIID, meter="M1")
     assert out.outcome == inline_post.FAILED and "connection error" in out.reason
 
 
-def test_token_never_logged(settings, session, csv_file, webapp, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_token_never_logged(settings, session, csv_file, webapp, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     webapp.fail_next(1, 500)
     post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
