@@ -356,6 +356,17 @@ def test_sigterm_exits_0_and_logs_the_start_line(hook: Hook, server: ServerProce
     assert "webhook-server stopped" in server.log()
 
 
+def test_sigterm_with_an_idle_keep_alive_connection_is_quick(
+    hook: Hook, server: ServerProcess
+) -> None:
+    with requests.Session() as session:
+        r = session.get(server.url("/health"), timeout=5)
+        assert r.status_code == 200 and r.headers.get("Connection", "").lower() != "close"
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 3
+
+
 def test_help_lists_the_server_commands() -> None:
     result = run_once("--help", {})
     assert result.returncode == 0
