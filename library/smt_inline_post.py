@@ -166,7 +166,12 @@ except ImportError:
     REQUESTS_ERROR = traceback.format_exc()
 
 from ansible.module_utils.smt_droplet.config import ConfigError, PostSettings
-from ansible.module_utils.smt_droplet.ingest import module_env, module_log_capture, post_pending
+from ansible.module_utils.smt_droplet.ingest import (
+    check_state_dir,
+    module_env,
+    module_log_capture,
+    post_pending,
+)
 from ansible.module_utils.smt_droplet.ledger import LedgerError
 from ansible.module_utils.smt_droplet.lock import LockBusy, PassLock, lock_path_for
 
@@ -230,6 +235,7 @@ def main() -> None:
                 settings, paths=paths or None, force=module.params["force"], check=True
             )
         else:
+            check_state_dir(settings.state_file)
             with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
                 result = post_pending(settings, paths=paths or None, force=module.params["force"])
     except (ConfigError, ValueError) as exc:

@@ -389,3 +389,10 @@ def test_cli_sync_only_downloads(env, three_files, webapp, inbox, sftp_peer) -> 
     sftp_peer.rotate_host_key()
     proc = cli(["sync"], env)
     assert proc.returncode == 2 and "CHANGED" in proc.stderr and "ssh-keygen -R" in proc.stderr
+
+
+def test_unwritable_ledger_location_is_a_config_error(env, smt_csv, webapp, inbox) -> None:
+    smt_csv.write(inbox, name=f"a_{IN_NAME}.csv", esiid=IN_NAME)
+    proc = cli(["ingest", "--no-sync"], {**env, "STATE_FILE": "/nonexistent/dir/posted"})
+    assert proc.returncode == 2 and "/nonexistent/dir" in proc.stderr
+    assert webapp.requests() == []

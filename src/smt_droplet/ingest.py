@@ -349,6 +349,18 @@ def post_files(
         ctx.ledger.maybe_save()
 
 
+def check_state_dir(state_file: Path) -> None:
+    """Fail before any network traffic if the ledger cannot be written (exit 2): a POST the
+    app accepted but we cannot record would be re-posted on every pass."""
+    parent = Path(state_file).parent
+    if not parent.is_dir():
+        raise ConfigError(f"STATE_FILE={state_file}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        Path(state_file).exists() and not os.access(state_file, os.W_OK)
+    ):
+        raise ConfigError(f"STATE_FILE={state_file}: not writable by uid {os.getuid()}")
+
+
 def _new_session() -> Any:
     import requests
 
@@ -421,6 +433,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
         from .sftp_mirror import load_private_key
 
         pkey = load_private_key(sftp_settings.key)
+    check_state_dir(settings.state_file)
     queue_dir = spool_dir(env)
     result = PassResult()
     with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
@@ -633,6 +646,7 @@ def run_status_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
 
 def run_forget_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
     state_file = _state_file(env)
+    check_state_dir(state_file)
     target = args.target.strip()
     if is_digest(target) and not os.path.exists(target):
         digest = target.lower()
@@ -665,6 +679,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: no such file")
     if args.esiid and normalize_esiid(args.esiid) is None:
         raise ConfigError(f"--esiid {args.esiid!r} is not 17 digits")
+    check_state_dir(settings.state_file)
     try:
         with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
             result = post_pending(
