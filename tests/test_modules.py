@@ -290,3 +290,24 @@ def test_ingest_now_playbook_check_then_real(tmp_path, sftp_peer, webapp, inbox,
     proc, _ = run_playbook(tmp_path, playbook, inventory=str(inventory), json_output=False)
     assert proc.returncode != 0
     assert "failed-will-retry" in proc.stdout and "files left to retry" in proc.stdout
+
+
+def test_post_only_given_paths_and_force(tmp_path, webapp, inbox, smt_csv) -> None:
+    one = smt_csv.write(inbox, name=f"one_{ESIID}.csv", seed=1)
+    smt_csv.write(inbox, name=f"two_{ESIID}.csv", seed=2)
+    args = {**post_args(webapp, inbox), "paths": [str(one)]}
+    plays = local_play([{"name": "post", "smt_inline_post": args}])
+    proc, parsed = run_playbook(tmp_path, plays)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = task_results(parsed)["post"]
+    assert [(r["path"], r["outcome"]) for r in res["results"]] == [(one.name, "posted")]
+    assert [r["filename"] for r in webapp.received()] == [one.name]
+
+    proc, parsed = run_playbook(tmp_path, plays)
+    assert task_results(parsed)["post"]["changed"] is False
+
+    forced = local_play([{"name": "post", "smt_inline_post": {**args, "force": True}}])
+    proc, parsed = run_playbook(tmp_path, forced)
+    res = task_results(parsed)["post"]
+    assert res["changed"] is True and res["results"][0]["outcome"] == "duplicate"
+    assert len(webapp.requests()) == 2
