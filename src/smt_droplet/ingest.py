@@ -67,7 +67,8 @@ FAILED = "failed-will-retry"
 NO_ESIID = "no-esiid"
 WOULD_POST = "would-post"
 NOT_ATTEMPTED = "not-attempted"
-RETRY_OUTCOMES = {FAILED, NO_ESIID, NOT_ATTEMPTED}
+UNRECORDED = "posted-unrecorded"  # the app answered 200 but the ledger append failed
+RETRY_OUTCOMES = {FAILED, NO_ESIID, NOT_ATTEMPTED, UNRECORDED}
 
 
 @dataclass
@@ -333,9 +334,25 @@ def post_files(
     esiid: str | None = None,
     meter: str | None = None,
 ) -> None:
-    """Run :func:`process_file` over ``items``; stop at the first 401/503."""
+    """Run :func:`process_file` over ``items``; stop at the first 401/503, and at the first
+    post the ledger cannot record (a full disk: every further post would be unrecorded too)."""
     for index, item in enumerate(items):
-        r = process_file(ctx, item, force=force, esiid=esiid, meter=meter)
+        try:
+            r = process_file(ctx, item, force=force, esiid=esiid, meter=meter)
+        except LedgerError as exc:  # only the append after a 200 writes the ledger here
+            digest = ctx.ledger.cached_digest(item.rel, item.size, item.mtime_ns)
+            r = FileResult(item.rel, UNRECORDED, digest, reason=str(exc), size=item.size)
+            log.error(
+                "stopping the pass: %s was accepted by the app (sha256=%s) but cannot be "
+                "recorded: %s; the next pass posts it again and records the app's duplicate answer",
+                item.rel,
+                digest,
+                exc,
+            )
+            result.files.append(r)
+            for rest in items[index + 1 :]:
+                result.files.append(FileResult(rest.rel, NOT_ATTEMPTED, size=rest.size))
+            break
         if r.outcome == "fatal":
             result.fatal = f"{r.path}: {r.reason} — check ADMIN_TOKEN / the app's configuration"
             log.error("stopping the pass: %s", result.fatal)
@@ -396,7 +413,12 @@ def post_pending(
         if ctx.session is not None:
             ctx.session.close()
         if not check:
-            ledger.save()
+            try:
+                ledger.save()
+            except LedgerError as exc:
+                if not any(f.outcome == UNRECORDED for f in result.files):
+                    raise
+                log.warning("ledger sidecar not saved either: %s", exc)
     return result
 
 

@@ -62,19 +62,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any], tmp_dir: Path | None = None) -> None:
-    """Write JSON durably: temp file (in ``tmp_dir`` or beside ``path``), fsync, rename."""
+    """Write JSON durably: temp file (in ``tmp_dir`` or beside ``path``), fsync, rename.
+
+    Any failure (a full disk: ``ENOSPC`` on write or fsync) removes the temp file and leaves
+    ``path`` as it was; a short write is continued, never renamed into place half-written.
+    """
     tmp_parent = tmp_dir or path.parent
     tmp = tmp_parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     data = json.dumps(payload, sort_keys=True).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
