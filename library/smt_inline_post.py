@@ -18,6 +18,12 @@ description:
     a body over O(max_body_bytes) marks it too large without sending it; neither is retried until
     the file changes or O(force=true). 5xx, timeouts, 413 and 429 are retried with backoff.
   - 401 or 503 from the app stops at once and fails the task (token or app misconfigured).
+  - A file whose content is an ASCII-armored PGP message (SMT's C(*.asc) deliveries) is decrypted
+    with the key in O(gnupg_home), and the interval CSV inside its zip is attributed and posted
+    under the zip member's name; the ledger records the C(.asc) digest (no second decryption) and
+    the CSV's. A delivery that cannot be unpacked (wrong key, corrupt armor, not a zip, no CSV,
+    zip bomb) is marked rejected, reason C(pgp:<code>) and the cause, and is not retried
+    until it changes.
   - Takes the ingest pass lock (C(<state_file>.lock)); waits at most O(lock_wait) seconds.
   - All logic lives in the C(smt_droplet) package (shipped through C(module_utils)).
 version_added: "0.1.0"
@@ -79,12 +85,20 @@ options:
   lock_wait:
     description: Seconds to wait for a running ingest pass (C(SMT_LOCK_WAIT)); default 300.
     type: float
+  gnupg_home:
+    description:
+      - GnuPG home holding the droplet's private key, for PGP deliveries (C(SMT_GNUPG_HOME));
+        default C(~/.gnupg) of the user the module runs as.
+    type: path
 requirements:
   - python3-requests (requests >= 2.28) on the target
 attributes:
   check_mode:
     support: full
-    description: Hashes and attributes files; reports which would be posted; sends nothing.
+    description: >-
+      Hashes and attributes files; reports which would be posted; sends nothing. PGP deliveries
+      are not decrypted in check mode (no plaintext is written, no gpg-agent started): they are
+      reported as C(would-post) with the ESIID their C(.asc) name or the defaults give.
   diff_mode:
     support: none
 notes:
@@ -134,7 +148,14 @@ results:
       description: The web app's id for the stored file.
       type: str
     reason:
-      description: The app's error code, the size comparison, or the failure.
+      description: >-
+        The app's error code, the size comparison, or the failure; for a PGP delivery that could
+        not be unpacked C(pgp:<code>: <reason>) (codes C(wrong_key), C(no_secret_key),
+        C(corrupt_armor), C(not_a_zip), C(corrupt_zip), C(no_csv_inside), C(zip_too_large),
+        C(decrypt_failed)).
+      type: str
+    member:
+      description: For a PGP delivery, the zip entry that was posted; else null.
       type: str
   sample: [{"path": "IntervalMeterUsage_10443720000000099_20251101.csv", "outcome": "posted",
             "sha256": "9f2c...", "esiid": "10443720000000099", "meter": "M1", "app_id": "42",
@@ -174,6 +195,7 @@ from ansible.module_utils.smt_droplet.ingest import (
 )
 from ansible.module_utils.smt_droplet.ledger import LedgerError
 from ansible.module_utils.smt_droplet.lock import LockBusy, PassLock, lock_path_for
+from ansible.module_utils.smt_droplet.pgp_delivery import PgpSettings
 
 OPTION_ENV = {
     "base_url": "INTELLIWATT_BASE_URL",
@@ -189,6 +211,7 @@ OPTION_ENV = {
     "retries": "SMT_POST_RETRIES",
     "http_timeout": "SMT_HTTP_TIMEOUT",
     "lock_wait": "SMT_LOCK_WAIT",
+    "gnupg_home": "SMT_GNUPG_HOME",
 }
 
 
@@ -211,6 +234,7 @@ def main() -> None:
             "retries": {"type": "int"},
             "http_timeout": {"type": "float"},
             "lock_wait": {"type": "float"},
+            "gnupg_home": {"type": "path"},
         },
         supports_check_mode=True,
     )
@@ -224,6 +248,7 @@ def main() -> None:
     try:
         env = module_env(module.params, OPTION_ENV)
         settings = PostSettings.from_env(env)
+        pgp = PgpSettings.from_env(env)
         if settings.admin_token:
             module.no_log_values.add(settings.admin_token)  # also when it came from env_file
         paths = [Path(p) for p in module.params["paths"] or []]
@@ -232,12 +257,14 @@ def main() -> None:
                 raise ConfigError(f"paths: {path} is not a file")
         if module.check_mode:  # read-only: no lock file, no ledger or cache write, no HTTP
             result = post_pending(
-                settings, paths=paths or None, force=module.params["force"], check=True
+                settings, paths=paths or None, force=module.params["force"], check=True, pgp=pgp
             )
         else:
             check_state_dir(settings.state_file)
             with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
-                result = post_pending(settings, paths=paths or None, force=module.params["force"])
+                result = post_pending(
+                    settings, paths=paths or None, force=module.params["force"], pgp=pgp
+                )
     except (ConfigError, ValueError) as exc:
         module.fail_json(msg=f"configuration error: {exc}", log=lines)
     except (LockBusy, LedgerError) as exc:

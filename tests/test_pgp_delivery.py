@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import tempfile
 import time
 import zipfile
@@ -18,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from pgp_keys import Keyring, encrypt_to, make_zip, new_keyring, run_gpg, stop_agents
 
 from smt_droplet import pgp_delivery as pgp
 from smt_droplet.config import ConfigError
@@ -35,54 +35,6 @@ def smt_interval_csv(esiid: str = ESIID, days: int = 2) -> bytes:
 
 
 BILLING_CSV = b"ESIID,BILL_START,BILL_END,KWH\r\n'10443720000000099,10/1/2025,10/31/2025,812\r\n"
-
-
-def make_zip(entries: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", method) as zf:
-        for name, data in entries:
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------ GnuPG homes
-
-
-@dataclass(frozen=True)
-class Keyring:
-    home: Path
-    uid: str
-    fingerprint: str
-
-
-def _gpg(home: Path, *args: str, data: bytes | None = None, passphrase: str = "") -> bytes:
-    cmd = ["gpg", "--homedir", str(home), "--batch", "--yes", "--no-tty", *args]
-    proc = subprocess.run(cmd, input=data, capture_output=True, check=False, timeout=60)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout
-
-
-def _new_keyring(root: Path, name: str, passphrase: str = "") -> Keyring:
-    home = root / name
-    home.mkdir(mode=0o700)
-    # Skip gpg-agent's ~100 ms-to-seconds S2K calibration: test keys need no real protection.
-    (home / "gpg-agent.conf").write_text("s2k-count 65536\n")
-    uid = f"{name} <{name}@droplet.test>"
-    _gpg(
-        home,
-        "--passphrase",
-        passphrase,
-        "--pinentry-mode",
-        "loopback",
-        "--quick-gen-key",
-        uid,
-        "future-default",
-        "default",
-        "never",
-    )
-    colons = _gpg(home, "--with-colons", "--list-keys").decode()
-    fpr = next(line.split(":")[9] for line in colons.splitlines() if line.startswith("fpr:"))
-    return Keyring(home, uid, fpr)
 
 
 @dataclass(frozen=True)
@@ -104,36 +56,17 @@ def homes() -> Iterator[Homes]:
     empty = root / "empty"
     empty.mkdir(mode=0o700)
     made = Homes(
-        droplet=_new_keyring(root, "droplet"),
-        other=_new_keyring(root, "other"),
-        locked=_new_keyring(root, "locked", LOCKED_PASSPHRASE),
+        droplet=new_keyring(root, "droplet"),
+        other=new_keyring(root, "other"),
+        locked=new_keyring(root, "locked", LOCKED_PASSPHRASE),
         empty=empty,
         root=root,
     )
     try:
         yield made
     finally:
-        for home in (made.droplet.home, made.other.home, made.locked.home, empty):
-            subprocess.run(
-                ["gpgconf", "--homedir", str(home), "--kill", "all"],
-                capture_output=True,
-                check=False,
-                timeout=30,
-            )
+        stop_agents((made.droplet.home, made.other.home, made.locked.home, empty))
         shutil.rmtree(root, ignore_errors=True)
-
-
-def encrypt_to(keyring: Keyring, payload: bytes) -> bytes:
-    return _gpg(
-        keyring.home,
-        "--trust-model",
-        "always",
-        "--armor",
-        "--recipient",
-        keyring.fingerprint,
-        "--encrypt",
-        data=payload,
-    )
 
 
 @pytest.fixture()
@@ -162,7 +95,7 @@ def test_is_pgp_armored(tmp_path: Path, homes: Homes) -> None:
     bom = write_asc(tmp_path, "b.asc", b"\xef\xbb\xbf\r\n  " + asc.read_bytes())
     csv = write_asc(tmp_path, "c.csv", smt_interval_csv())
     empty = write_asc(tmp_path, "d.asc", b"")
-    public_key = write_asc(tmp_path, "k.asc", _gpg(homes.droplet.home, "--armor", "--export"))
+    public_key = write_asc(tmp_path, "k.asc", run_gpg(homes.droplet.home, "--armor", "--export"))
     assert pgp.is_pgp_armored(asc)
     assert pgp.is_pgp_armored(bom)
     assert not pgp.is_pgp_armored(csv)
@@ -321,7 +254,7 @@ def test_keyring_without_secret_key_is_no_secret_key(
 def test_passphrase_encrypted_message_is_wrong_key(
     tmp_path: Path, homes: Homes, workdir: Path
 ) -> None:
-    armored = _gpg(
+    armored = run_gpg(
         homes.other.home,
         "--passphrase",
         "pw",
@@ -385,7 +318,7 @@ def test_corrupt_armor_variants(tmp_path: Path, homes: Homes, workdir: Path) -> 
         "garbage.asc": "-----BEGIN PGP MESSAGE-----\n\n!!not base64$$\n-----END PGP MESSAGE-----\n",
         "empty.asc": "-----BEGIN PGP MESSAGE-----\n\n-----END PGP MESSAGE-----\n",
         "tampered.asc": _rearmor(bytes(raw)).decode(),
-        "signed-only.asc": _gpg(homes.droplet.home, "--armor", "--sign", data=payload).decode(),
+        "signed-only.asc": run_gpg(homes.droplet.home, "--armor", "--sign", data=payload).decode(),
     }
     reasons = {}
     for name, text in cases.items():
@@ -482,7 +415,7 @@ def test_too_many_entries(tmp_path: Path, homes: Homes, workdir: Path) -> None:
         assert got.member == "f0.csv"
 
 
-def test_decrypted_payload_over_the_cap_stops_gpg(
+def test_decrypted_payload_over_the_cap_stopsrun_gpg(
     tmp_path: Path, homes: Homes, workdir: Path
 ) -> None:
     # Stored (not deflated) 1.3 MiB: gpg's --max-output cuts it off before zipfile sees it.
@@ -556,10 +489,10 @@ def test_pgp_compression_bomb_is_cut_off_by_max_output(
 def test_message_for_several_recipients_including_ours(
     tmp_path: Path, homes: Homes, workdir: Path
 ) -> None:
-    pub = _gpg(homes.droplet.home, "--armor", "--export", homes.droplet.fingerprint)
-    _gpg(homes.other.home, "--import", data=pub)
+    pub = run_gpg(homes.droplet.home, "--armor", "--export", homes.droplet.fingerprint)
+    run_gpg(homes.other.home, "--import", data=pub)
     interval = smt_interval_csv(days=1)
-    armored = _gpg(
+    armored = run_gpg(
         homes.other.home,
         "--trust-model",
         "always",

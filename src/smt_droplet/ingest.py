@@ -9,6 +9,14 @@ A pass (``smt-droplet ingest``, the timer's and the ``.path`` unit's job)::
 :func:`process_file` is the one place that decides what happens to a file; the pass, the
 ``post`` command and the ``smt_inline_post`` module all go through it.
 
+PGP deliveries (SMT's ``*.asc``; the content decides, not the name): the ``.asc``'s digest is
+what the ledger is checked against, so a delivery is decrypted once. An unposted one is
+decrypted (:mod:`smt_droplet.pgp_delivery`, settings ``SMT_GNUPG_HOME`` & co.), its interval CSV
+is attributed (the ``.asc`` name, then the member's name, then the CSV column, then defaults) and
+posted under the member's base name; on success both the CSV's and the ``.asc``'s digests are
+recorded. The file's own faults mark the ``.asc`` ``rejected`` with ``pgp:<code>: <reason>``;
+ours (gpg missing, timeout, locked key) are ``failed-will-retry``. See :func:`_process_delivery`.
+
 Spool requests (written by the webhook and the upload server) steer one pass:
 
 * a request naming a ``filename`` (an upload) gives that file its ESIID/meter default;
@@ -45,11 +53,12 @@ from pathlib import Path
 from typing import Any
 
 from . import spool
-from .attribution import HEAD_BYTES, attribute, normalize_esiid
+from .attribution import HEAD_BYTES, attribute, esiid_from_name, meter_from_name, normalize_esiid
 from .config import LEDGER_BASENAME, ConfigError, PostSettings, SftpSettings, split_globs, spool_dir
 from .inbox import InboxFile, inbox_file, scan_inbox
 from .ledger import Ledger, LedgerError, is_digest
 from .lock import LockBusy, PassLock, lock_path_for
+from .pgp_delivery import DeliveryError, ExtractedCsv, PgpSettings, looks_armored
 
 log = logging.getLogger("smt_droplet.ingest")
 
@@ -83,6 +92,7 @@ class FileResult:
     app_id: str | None = None
     reason: str = ""
     size: int = 0
+    member: str | None = None  # PGP delivery: the zip entry that was (or would be) posted
 
 
 @dataclass
@@ -202,18 +212,20 @@ class PostContext:
     session: Any = None  # requests.Session; None in check mode
     plan: RunPlan = field(default_factory=RunPlan)
     check: bool = False
+    pgp: PgpSettings = field(default_factory=PgpSettings)
 
 
 def _log_result(r: FileResult) -> None:
     if r.outcome in (POSTED, DUPLICATE):
         log.info(
-            "%s %s esiid=%s meter=%s sha256=%s id=%s",
+            "%s %s esiid=%s meter=%s sha256=%s id=%s%s",
             r.outcome,
             r.path,
             r.esiid,
             r.meter,
             r.sha256,
             r.app_id,
+            f" pgp-member={r.member}" if r.member else "",
         )
     elif r.outcome == SKIPPED_POSTED:
         log.debug("%s %s sha256=%s", r.outcome, r.path, r.sha256)
@@ -283,6 +295,8 @@ def process_file(
         (ctx.plan.esiid, ctx.plan.meter),
         (settings.esiid_default, settings.meter_default),
     ]
+    if looks_armored(data):  # content decides, not the name
+        return _process_delivery(ctx, item, result, data, defaults)
     who = attribute(item.path, defaults, head=data[:HEAD_BYTES])
     result.esiid = normalize_esiid(esiid) or who.esiid
     result.meter = meter or who.meter
@@ -293,35 +307,125 @@ def process_file(
     if ctx.check:
         result.outcome = WOULD_POST
         return result
+    _post_and_record(ctx, result, item.path, data, item.mtime, item.rel)
+    return result
 
+
+def _post_and_record(
+    ctx: PostContext,
+    result: FileResult,
+    path: Path,
+    data: bytes,
+    mtime: float,
+    rel: str,
+    delivery: ExtractedCsv | None = None,
+) -> None:
+    """POST ``data`` (named ``path.name``) and record the answer under ``result.sha256``.
+
+    ``delivery``: the CSV came out of that PGP delivery (``result`` is the ``.asc``'s); on
+    success the CSV's digest is recorded first, then the ``.asc``'s (what the next pass looks up),
+    and every record carries the member's name.
+    """
     from . import inline_post  # requests is imported only when something is posted
 
+    assert result.sha256 is not None and result.esiid is not None
+    ledger, digest = ctx.ledger, result.sha256
+    extra = None
+    if delivery is not None:
+        extra = {"via": "pgp", "member": delivery.member, "csv_sha256": delivery.csv_sha256}
     answer = inline_post.post_file(
         ctx.session,
-        settings,
-        item.path,
+        ctx.settings,
+        path,
         esiid=result.esiid,
-        meter=result.meter,
+        meter=result.meter or ctx.settings.meter_default,
         data=data,
-        mtime=item.mtime,
+        mtime=mtime,
     )
     result.app_id = answer.app_id
     if answer.outcome in (inline_post.POSTED, inline_post.DUPLICATE):
-        ledger.record_posted(
-            digest, item.rel, answer.app_id, answer.outcome == inline_post.DUPLICATE
-        )
+        duplicate = answer.outcome == inline_post.DUPLICATE
+        if delivery is not None and not ledger.is_posted(delivery.csv_sha256):
+            # The same interval CSV arriving later in plain text is then a no-op.
+            ledger.record_posted(
+                delivery.csv_sha256,
+                f"{rel}!{delivery.member}",
+                answer.app_id,
+                duplicate,
+                {"via": "pgp", "delivery_sha256": digest},
+            )
+        ledger.record_posted(digest, rel, answer.app_id, duplicate, extra)
         result.outcome = POSTED if answer.outcome == inline_post.POSTED else DUPLICATE
     elif answer.outcome == inline_post.REJECTED:
-        ledger.record_outcome(digest, REJECTED, answer.reason, item.rel)
+        ledger.record_outcome(digest, REJECTED, answer.reason, rel, extra)
         result.outcome, result.reason = REJECTED, answer.reason
     elif answer.outcome == inline_post.TOO_LARGE:
-        ledger.record_outcome(digest, TOO_LARGE, answer.reason, item.rel)
+        ledger.record_outcome(digest, TOO_LARGE, answer.reason, rel, extra)
         result.outcome, result.reason = TOO_LARGE, answer.reason
     elif answer.outcome == inline_post.FATAL:
         result.outcome, result.reason = "fatal", answer.reason
     else:
         result.outcome = FAILED
         result.reason = f"{answer.reason} (after {answer.attempts} attempts)"
+
+
+def _process_delivery(
+    ctx: PostContext,
+    item: InboxFile,
+    result: FileResult,
+    data: bytes,
+    defaults: list[tuple[str | None, str | None]],
+) -> FileResult:
+    """A PGP-armored delivery: decrypt, take the interval CSV out of the zip, post that.
+
+    ESIID: operator override, then the ``.asc`` name, the zip member's name, the CSV's ESIID
+    column, then the defaults. Meter likewise (``M<digits>`` in a name, then the defaults).
+    Errors that are the file's (wrong key, corrupt armor, not a zip, no CSV, over the caps) mark
+    the ``.asc`` rejected with ``pgp:<code>: <reason>``; trouble on our side (gpg missing or
+    timing out, a locked key) leaves it for the next pass. Check mode decrypts nothing: it reports
+    ``would-post`` with what the ``.asc`` name and the defaults say. The plaintext exists only
+    inside the ``with`` block (a private directory under ``SMT_PGP_TMPDIR``).
+    """
+    ledger, digest = ctx.ledger, result.sha256
+    assert digest is not None
+    override_esiid, override_meter = defaults[0]
+    name_esiid = esiid_from_name(item.path.name)
+    name_meter = meter_from_name(item.path.name)
+    if ctx.check:
+        fallback = attribute(item.path, defaults[1:], head=b"")
+        result.esiid = override_esiid or name_esiid or fallback.esiid
+        result.meter = override_meter or name_meter or fallback.meter
+        result.outcome = WOULD_POST
+        result.reason = "pgp delivery: not decrypted in check mode"
+        return result
+    try:
+        with ctx.pgp.extract(item.path, armored=data) as x:
+            result.member = x.member
+            try:
+                csv = x.path.read_bytes()
+            except OSError as exc:  # the extracted CSV vanished under us (tmp cleaner): retry
+                result.outcome, result.reason = FAILED, f"pgp:io: {exc.strerror or exc}"
+                return result
+            who = attribute(x.path, defaults[1:], head=csv[:HEAD_BYTES])
+            result.esiid = override_esiid or name_esiid or esiid_from_name(x.member) or who.esiid
+            result.meter = override_meter or name_meter or meter_from_name(x.member) or who.meter
+            if result.esiid is None:
+                result.outcome = NO_ESIID
+                result.reason = (
+                    f"no ESIID in the .asc name, member {x.member!r}, its content, a request "
+                    "or ESIID_DEFAULT"
+                )
+                return result
+            _post_and_record(ctx, result, x.path, csv, item.mtime, item.rel, delivery=x)
+    except DeliveryError as exc:
+        reason = f"pgp:{exc.code}: {exc.reason}"
+        status = FAILED if exc.retryable else REJECTED
+        # FAILED is remembered only for `status`; process_file skips only rejected/too-large.
+        ledger.record_outcome(digest, status, reason, item.rel, {"via": "pgp", "code": exc.code})
+        result.outcome, result.reason = status, reason
+    except ConfigError as exc:  # SMT_GNUPG_PASSPHRASE_FILE unreadable: ours to fix, retry
+        result.outcome, result.reason = FAILED, f"pgp:config: {exc}"
+    # A LedgerError (the append after a 200) propagates to post_files, as for any file.
     return result
 
 
@@ -396,8 +500,11 @@ def post_pending(
     result: PassResult | None = None,
     esiid: str | None = None,
     meter: str | None = None,
+    pgp: PgpSettings | None = None,
 ) -> PassResult:
-    """Post every unposted inbox file (or just ``paths``); the caller holds the lock."""
+    """Post every unposted inbox file (or just ``paths``); the caller holds the lock.
+
+    ``pgp``: how to decrypt PGP deliveries (default: gpg's own home, ``$TMPDIR``)."""
     result = result or PassResult()
     ledger = Ledger.load(settings.state_file)
     exclude = [settings.state_file, ledger.sidecar, lock_path_for(settings.state_file)]
@@ -406,7 +513,14 @@ def post_pending(
     else:
         items = scan_inbox(settings.local_dir, settings.include, exclude)
         ledger.prune_hashes({i.rel for i in items})
-    ctx = PostContext(settings, ledger, None if check else _new_session(), plan or RunPlan(), check)
+    ctx = PostContext(
+        settings,
+        ledger,
+        None if check else _new_session(),
+        plan or RunPlan(),
+        check,
+        pgp or PgpSettings(),
+    )
     try:
         post_files(ctx, items, result, force=force, esiid=esiid, meter=meter)
     finally:
@@ -448,6 +562,7 @@ def run_sync(settings: SftpSettings, *, dry_run: bool = False, pkey: Any = None)
 def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = True) -> PassResult:
     """One complete pass (see the module docstring). Raises ConfigError and LockBusy."""
     settings = PostSettings.from_env(env)
+    pgp = PgpSettings.from_env(env)
     sftp_settings: SftpSettings | None = None
     pkey: Any = None
     if sync:
@@ -480,7 +595,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
                     result.fatal = str(exc)
                     log.error("sync refused: %s", exc)
             if not result.fatal:
-                post_pending(settings, plan=plan, result=result)
+                post_pending(settings, plan=plan, result=result, pgp=pgp)
         finally:
             log.info("%s", result.summary_line())
             if requests:
@@ -599,11 +714,14 @@ class FileStatus:
     """One row of ``smt-droplet status``."""
 
     path: str
-    state: str  # posted | rejected | too-large | pending
+    state: str  # posted | rejected | too-large | failed-will-retry (PGP only) | pending
     sha256: str
     size: int
     reason: str = ""
     app_id: str | None = None
+    via: str | None = None  # "pgp" for a PGP delivery the pass has handled
+    member: str | None = None  # its zip entry that was posted (or rejected by the app)
+    csv_sha256: str | None = None  # that entry's digest
 
 
 def inbox_status(local_dir: Path, state_file: Path, include: tuple[str, ...]) -> dict[str, Any]:
@@ -623,12 +741,18 @@ def inbox_status(local_dir: Path, state_file: Path, include: tuple[str, ...]) ->
         app = ledger.apps.get(digest) or {}
         previous = ledger.outcome(digest)
         if ledger.is_posted(digest):
-            state, reason = "posted", ""
+            state, reason, info = "posted", "", app
         elif previous is not None:
             state, reason = previous.status, previous.reason
+            info = ledger.outcomes.get(digest) or {}
         else:
-            state, reason = "pending", ""
-        rows.append(FileStatus(item.rel, state, digest, item.size, reason, app.get("id")))
+            state, reason, info = "pending", "", {}
+        row = FileStatus(item.rel, state, digest, item.size, reason, app.get("id"))
+        if info.get("via") == "pgp":
+            row.via = "pgp"
+            row.member = _str_or_none(info.get("member"))
+            row.csv_sha256 = _str_or_none(info.get("csv_sha256"))
+        rows.append(row)
     try:
         ledger.save()
     except LedgerError as exc:
@@ -644,6 +768,10 @@ def inbox_status(local_dir: Path, state_file: Path, include: tuple[str, ...]) ->
     }
 
 
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def run_status_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
     include = split_globs((env.get("SMT_INCLUDE") or "").strip() or None)
     report = inbox_status(_local_dir(env), _state_file(env), include)
@@ -657,6 +785,8 @@ def run_status_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
     for row in report["files"]:
         extra = f" {row['reason']}" if row["reason"] else ""
         app = f" id={row['app_id']}" if row["app_id"] else ""
+        if row["member"]:
+            extra += f" pgp-member={row['member']}"
         print(f"{row['state']:<10} {row['path']} sha256={row['sha256'][:12]}{app}{extra}")
     counts = " ".join(f"{k}={v}" for k, v in sorted(report["counts"].items()))
     print(
@@ -696,6 +826,7 @@ def run_forget_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
 
 def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
     settings = PostSettings.from_env(env)
+    pgp = PgpSettings.from_env(env)
     path = Path(args.path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -710,6 +841,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> int:
                 force=getattr(args, "force", False),
                 esiid=args.esiid,
                 meter=args.meter,
+                pgp=pgp,
             )
     except LockBusy as exc:
         log.error("post: %s; try again when it has finished", exc)

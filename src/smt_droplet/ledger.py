@@ -19,6 +19,8 @@ Two files, two jobs:
     re-reading every file; ``outcomes`` — per sha256 the last non-retryable outcome
     (``rejected`` with the app's error code, ``too-large`` with both sizes) so it is not retried
     until the file changes or an operator runs ``forget``; ``posted`` — the app's ``id`` and when.
+    A PGP delivery (``.asc``) adds ``via: "pgp"``, the zip ``member`` that was posted and its
+    ``csv_sha256`` to its ``posted``/``outcomes`` record (``smt-droplet status`` shows them).
     Losing the sidecar costs a re-hash and, at worst, one more rejected POST; never a double
     ledger entry or a lost one.
 """
@@ -31,6 +33,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,16 +223,39 @@ class Ledger:
     def is_posted(self, digest: str) -> bool:
         return digest in self.posted
 
-    def record_posted(self, digest: str, rel: str, app_id: str | None, duplicate: bool) -> None:
-        """Append to ``STATE_FILE`` (durable), then note the app's id in the sidecar."""
+    def record_posted(
+        self,
+        digest: str,
+        rel: str,
+        app_id: str | None,
+        duplicate: bool,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append to ``STATE_FILE`` (durable), then note the app's id in the sidecar.
+
+        ``extra`` goes into the sidecar record too (a PGP delivery: ``via``, ``member``,
+        ``csv_sha256``); it never replaces the keys above.
+        """
         append_posted(self.state_file, digest)
         self.posted.add(digest)
         self.outcomes.pop(digest, None)
-        self.apps[digest] = {"id": app_id, "path": rel, "duplicate": duplicate, "at": time.time()}
+        record = dict(extra or {})
+        record.update({"id": app_id, "path": rel, "duplicate": duplicate, "at": time.time()})
+        self.apps[digest] = record
         self._dirty = True
 
-    def record_outcome(self, digest: str, status: str, reason: str, rel: str) -> None:
-        self.outcomes[digest] = {"status": status, "reason": reason, "path": rel, "at": time.time()}
+    def record_outcome(
+        self,
+        digest: str,
+        status: str,
+        reason: str,
+        rel: str,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Remember a non-posted outcome for ``digest`` (``extra`` as in :meth:`record_posted`)."""
+        record = dict(extra or {})
+        record.update({"status": status, "reason": reason, "path": rel, "at": time.time()})
+        self.outcomes[digest] = record
         self._dirty = True
 
     def outcome(self, digest: str) -> Outcome | None:

@@ -66,7 +66,9 @@ Settings (``PgpSettings.from_env``): ``SMT_GNUPG_HOME`` (default ``$GNUPGHOME`` 
 ``~/.gnupg`` of the service user), ``SMT_GNUPG_PASSPHRASE_FILE`` (optional; only for a
 protected key, read at extraction time and handed to gpg through a pipe, never argv),
 ``SMT_PGP_MAX_BYTES`` (cap on the decrypted zip and on the sum of its uncompressed entries,
-default 64 MiB), ``SMT_PGP_MAX_ENTRIES`` (default 64), ``SMT_GPG_TIMEOUT`` (seconds, default 120).
+default 64 MiB), ``SMT_PGP_MAX_ENTRIES`` (default 64), ``SMT_GPG_TIMEOUT`` (seconds, default 120),
+``SMT_PGP_TMPDIR`` (parent of the private plaintext directories; default ``$TMPDIR`` or ``/tmp``,
+which the unit's ``PrivateTmp=`` makes private to the service).
 The service unit needs write access to the GnuPG home (gpg-agent socket, trustdb); gpg-agent is
 started on demand inside the unit's cgroup and ends with the oneshot service (it caches a given
 passphrase for ``default-cache-ttl`` meanwhile). Keep the home path short or give the user a
@@ -219,17 +221,20 @@ class PgpSettings:
     max_entries: int = DEFAULT_MAX_ENTRIES
     timeout: float = DEFAULT_GPG_TIMEOUT
     gpg_binary: str = "gpg"
+    tmp_dir: Path | None = None  # parent of the private plaintext directories; None: $TMPDIR
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PgpSettings:
         home = _get(env, "SMT_GNUPG_HOME") or _get(env, "GNUPGHOME")
         passphrase_file = _get(env, "SMT_GNUPG_PASSPHRASE_FILE")
+        tmp_dir = _get(env, "SMT_PGP_TMPDIR")
         return cls(
             gnupg_home=Path(home).expanduser() if home else Path("~/.gnupg").expanduser(),
             passphrase_file=Path(passphrase_file) if passphrase_file else None,
             max_total_bytes=_int(env, "SMT_PGP_MAX_BYTES", DEFAULT_MAX_TOTAL_BYTES, minimum=1024),
             max_entries=_int(env, "SMT_PGP_MAX_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=1),
             timeout=_float(env, "SMT_GPG_TIMEOUT", DEFAULT_GPG_TIMEOUT, minimum=1.0),
+            tmp_dir=Path(tmp_dir) if tmp_dir else None,
         )
 
     def read_passphrase(self) -> str | None:
@@ -251,7 +256,7 @@ class PgpSettings:
         return extract_interval_csv(
             path,
             self.gnupg_home,
-            workdir_parent,
+            workdir_parent or self.tmp_dir,
             max_total_bytes=self.max_total_bytes,
             max_entries=self.max_entries,
             passphrase=self.read_passphrase(),
