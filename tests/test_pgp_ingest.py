@@ -339,3 +339,20 @@ def test_module_check_mode_does_not_decrypt_then_posts(
     assert [(r["filename"], r["esiid"], r["meter"]) for r in webapp.posted()] == [
         (member, ESIID, "M3")
     ]
+
+
+def test_cli_post_of_a_delivery_with_an_operator_esiid(
+    env, keys, webapp: IntelliWattDouble, inbox
+) -> None:
+    member = f"IntervalMeterUsage_{MEMBER_ESIID}.csv"
+    asc = put(inbox, "manual.asc", encrypt_to(keys.droplet, make_zip([(member, interval_csv())])))
+    proc = cli(["post", str(asc), "--esiid", CONTENT_ESIID, "--meter", "M7"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pgp-member={member}" in proc.stderr
+    # The operator's ESIID beats the member's name; the CSV goes out under the member's name.
+    assert [(r["filename"], r["esiid"], r["meter"]) for r in webapp.posted()] == [
+        (member, CONTENT_ESIID, "M7")
+    ]
+    again = cli(["post", str(asc)], env)
+    assert again.returncode == 0 and "skipped-already-posted" in again.stderr
+    assert len(webapp.requests()) == 1
