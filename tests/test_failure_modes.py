@@ -11,14 +11,19 @@ while a download is in flight.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,10 +31,12 @@ import requests
 from serverproc import ServerProcess
 
 from smt_droplet import spool
+from smt_droplet.config import SftpSettings
 from smt_droplet.ingest import run_pass
 from smt_droplet.ledger import read_posted_digests
+from smt_droplet.sftp_mirror import MirrorResult, mirror
 from testbed.intelliwatt_double import IntelliWattDouble
-from testbed.sftp_peer import SftpPeer
+from testbed.sftp_peer import SftpPeer, _descendants
 
 REPO = Path(__file__).resolve().parent.parent
 ESIID = "10443720000000011"
@@ -162,7 +169,7 @@ def test_full_inbox_fails_the_download_cleanly_and_the_next_pass_posts_it_once(
     assert proc.returncode == 1, proc.stderr
     failed_lines = [line for line in proc.stderr.splitlines() if "download-failed" in line]
     assert len(failed_lines) == 1, proc.stderr
-    assert new_name in failed_lines[0] and "No space left on device" in failed_lines[0]
+    assert new_name in failed_lines[0] and "No space left on device (ENOSPC)" in failed_lines[0]
     assert "sync-failed" in proc.stderr and "exit=1" in proc.stderr
     assert not (inbox / new_name).exists()
     assert leftovers(inbox) == []  # no .partial
@@ -419,3 +426,150 @@ def test_wrong_admin_token_exits_2_from_the_cli_and_leaves_the_ledger(
     assert "wrong-token-value" not in proc.stderr
     assert state.read_text() == "0" * 64 + "\n"
     assert webapp.received() == [] and len(webapp.requests()) == 1
+
+
+# -- 2. dropped and stalled SFTP connections mid-download -----------------------------------
+
+
+def big_remote(peer: SftpPeer, megabytes: int, name: str = f"IntervalMeterUsage_{ESIID}_big.csv"):
+    """A large, very compressible SMT-like CSV on the peer; returns (name, sha256)."""
+    line = f"'{ESIID},3/8/2025,3/10/2025 1:05,0:00,0:15,0.207,A,Consumption\n".encode()
+    data = b"ESIID,USAGE_DATE\n" + line * (megabytes * 1_000_000 // len(line))
+    path = peer.root / name
+    path.write_bytes(data)
+    os.utime(path, (OLD, OLD))
+    return name, sha(data)
+
+
+def sftp_settings(env: dict[str, str], **overrides: object) -> SftpSettings:
+    return replace(SftpSettings.from_env(env), parallel=1, **overrides)
+
+
+def session_pids(peer: SftpPeer) -> list[int]:
+    """The per-connection sshd processes (never the listener itself)."""
+    assert peer.pid is not None
+    return _descendants(peer.pid)
+
+
+def partial_growing(inbox: Path, name: str, at_least: int = 1_000_000) -> bool:
+    for path in inbox.glob(f".{name}.*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= at_least:
+                return True
+    return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+class Background:
+    """Run ``mirror`` in a thread so the test can break the connection under it."""
+
+    def __init__(self, settings: SftpSettings, sleeps: list[float]) -> None:
+        self.result: MirrorResult | None = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.elapsed = 0.0
+
+        def run() -> None:
+            try:
+                self.result = mirror(settings, sleep=sleeps.append)
+            except Exception as exc:  # noqa: BLE001 - re-raised by join()
+                self.error = exc
+            self.elapsed = time.monotonic() - self.started
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> MirrorResult:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"mirror still running after {timeout}s (hung)"
+        assert self.error is None, self.error
+        assert self.result is not None
+        return self.result
+
+
+def test_connection_killed_mid_download_reconnects_with_backoff_and_completes(
+    env, sftp_peer, smt_csv, inbox, caplog
+) -> None:
+    small = put_remote(sftp_peer, smt_csv, f"IntervalMeterUsage_{ESIID}_small.csv")
+    name, digest = big_remote(sftp_peer, 60)
+    settings = sftp_settings(env, retries=2, retry_base_delay=0.25, retry_max_delay=1.0)
+    sleeps: list[float] = []
+    caplog.set_level(logging.WARNING, logger="smt_droplet")
+    job = Background(settings, sleeps)
+    assert wait_for(lambda: partial_growing(inbox, name)), "no partial download to interrupt"
+    assert not (inbox / name).exists()
+    assert sftp_peer.kill_connections() > 0
+    result = job.join(60)
+    assert result.error is None, result.error
+    assert sorted(f.rel for f in result.downloaded) == sorted(
+        [name, f"IntervalMeterUsage_{ESIID}_small.csv"]
+    )
+    assert sleeps == [0.25]  # one reconnect, after the configured backoff
+    assert sha((inbox / name).read_bytes()) == digest
+    assert sha((inbox / f"IntervalMeterUsage_{ESIID}_small.csv").read_bytes()) == small
+    assert leftovers(inbox) == []
+    assert any("reconnecting" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+
+
+def test_connection_lost_for_good_reports_the_failure_and_the_next_pass_completes(
+    env, sftp_peer, smt_csv, webapp, inbox
+) -> None:
+    name, digest = big_remote(sftp_peer, 60)
+    env = {**env, "SMT_SFTP_RETRIES": "1", "SMT_RETRY_BASE_DELAY": "0.01", "SMT_SFTP_PARALLEL": "1"}
+    settings = SftpSettings.from_env(env)
+    stop = threading.Event()
+
+    def keep_killing() -> None:  # every connection, including the reconnect, is dropped
+        while not stop.is_set():
+            if partial_growing(inbox, name, 1):
+                sftp_peer.kill_connections()
+            time.sleep(0.001)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+    killer.start()
+    try:
+        result = Background(settings, []).join(60)
+    finally:
+        stop.set()
+        killer.join()
+    assert result.error is not None and name in result.error, result.error
+    assert [f.status for f in result.files] == ["failed"]
+    assert not (inbox / name).exists() and leftovers(inbox) == []
+    assert webapp.requests() == []
+
+    again = run_pass(env)
+    assert again.exit_code == 0, again.summary_line()
+    assert [f.rel for f in again.sync.downloaded] == [name]
+    assert sha((inbox / name).read_bytes()) == digest
+    stored_once(webapp, {digest})
+
+
+def test_stalled_connection_times_out_reconnects_and_completes(env, sftp_peer, inbox) -> None:
+    name, digest = big_remote(sftp_peer, 60)
+    settings = sftp_settings(env, retries=1, retry_base_delay=0.01, io_timeout=1.0)
+    stopped: list[int] = []
+    try:
+        job = Background(settings, [])
+        assert wait_for(lambda: partial_growing(inbox, name)), "no partial download to stall"
+        stopped = session_pids(sftp_peer)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)  # the server goes silent; TCP stays up
+        result = job.join(30)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+    assert result.error is None, result.error
+    assert [f.rel for f in result.downloaded] == [name]
+    assert sha((inbox / name).read_bytes()) == digest
+    assert leftovers(inbox) == []
+    assert job.elapsed < 15, f"took {job.elapsed:.1f}s for a 1 s I/O timeout"

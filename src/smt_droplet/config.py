@@ -111,6 +111,7 @@ class SftpSettings:
     retry_base_delay: float = 1.0
     retry_max_delay: float = 30.0
     parallel: int = 4
+    io_timeout: float = 60.0  # a connection silent this long mid-transfer counts as dropped
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SftpSettings:
@@ -140,6 +141,7 @@ class SftpSettings:
             retry_base_delay=_float(env, "SMT_RETRY_BASE_DELAY", 1.0),
             retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
             parallel=_int(env, "SMT_SFTP_PARALLEL", 4, minimum=1),
+            io_timeout=_float(env, "SMT_SFTP_IO_TIMEOUT", 60.0, minimum=0.1),
         )
 
 

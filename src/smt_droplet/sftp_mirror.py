@@ -18,13 +18,19 @@
   (default 4) files in flight on separate SFTP channels of one connection.
 * **Failures**: connecting is retried ``SMT_SFTP_RETRIES`` times with exponential backoff
   (``SMT_RETRY_BASE_DELAY`` * 2**n, capped at ``SMT_RETRY_MAX_DELAY``); then :class:`MirrorResult`
-  carries the error and the pass goes on with what is local (exit 1).
+  carries the error and the pass goes on with what is local (exit 1). A connection that drops
+  or goes silent for ``SMT_SFTP_IO_TIMEOUT`` seconds (default 60) mid-transfer counts against
+  the same budget: the mirror reconnects after the backoff and fetches again only the files that
+  were lost with it (their partial files are deleted first). Local errors (a full inbox) are not
+  retried within the pass: the file is ``failed``, its partial file removed, and the next pass
+  tries again.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -32,6 +38,7 @@ import posixpath
 import queue
 import socket
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,6 +87,7 @@ class MirroredFile:
     mtime: int
     status: str
     reason: str = ""
+    connection_lost: bool = False  # failed because the connection dropped or stalled
 
 
 @dataclass
@@ -332,6 +340,18 @@ def _close_without_waiting(remote: paramiko.SFTPFile) -> None:
         return
 
 
+# What a dropped or silent connection raises (a local ENOSPC is a plain OSError, not this).
+_CONNECTION_ERRORS = (paramiko.SSHException, EOFError, TimeoutError, ConnectionError)
+
+
+def _connection_gone(sftp: paramiko.SFTPClient) -> bool:
+    channel = sftp.get_channel()
+    if channel is None or channel.closed:
+        return True
+    transport = channel.get_transport()
+    return transport is None or not transport.is_active()
+
+
 def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
     """Fetch one file into a temp name, check it did not change meanwhile, rename it."""
     item.local.parent.mkdir(parents=True, exist_ok=True)
@@ -339,18 +359,27 @@ def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
     received = 0
     after_size, after_mtime = item.size, item.mtime
     try:
-        with sftp.open(item.remote, "rb") as remote, open(tmp, "wb") as out:
-            small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
-            if small is not None:
-                out.write(small)
-                received = len(small)
-            else:
-                received = _read_windowed(remote, item.size, out)
-                after = remote.stat()
-                after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
-            _close_without_waiting(remote)
-            out.flush()
-            os.fsync(out.fileno())
+        remote = sftp.open(item.remote, "rb")
+        try:
+            with open(tmp, "wb") as out:
+                small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
+                if small is not None:
+                    out.write(small)
+                    received = len(small)
+                else:
+                    received = _read_windowed(remote, item.size, out)
+                    after = remote.stat()
+                    after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
+                _close_without_waiting(remote)
+                out.flush()
+                os.fsync(out.fileno())
+        except _CONNECTION_ERRORS:
+            # A dead or silent channel: do not wait another timeout for CLOSE's answer.
+            with contextlib.suppress(Exception):
+                sftp.get_channel().close()
+            raise
+        finally:
+            remote.close()
         if received != item.size or after_size != item.size or after_mtime != item.mtime:
             os.unlink(tmp)
             item.status = SKIPPED_GROWING
@@ -363,7 +392,12 @@ def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         item.status = FAILED
-        item.reason = str(exc) or type(exc).__name__
+        item.connection_lost = isinstance(exc, _CONNECTION_ERRORS) or _connection_gone(sftp)
+        item.reason = str(exc).rstrip(": ") or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            item.reason = "no data within SMT_SFTP_IO_TIMEOUT (connection stalled)"
+        elif isinstance(exc, OSError) and exc.errno is not None:
+            item.reason = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
     return item
 
 
@@ -383,99 +417,145 @@ def mirror(
     if pkey is None:
         pkey = load_private_key(settings.key)
     result = MirrorResult()
-    transport: paramiko.Transport | None = None
-    listing: list[tuple[str, paramiko.SFTPAttributes]] = []
+    todo: list[MirroredFile] | None = None  # planned after the first successful listing
+    pending: list[MirroredFile] = []
     attempt = 0
     while True:
         attempt += 1
+        transport: paramiko.Transport | None = None
         try:
             transport = connect(settings, pkey)
-            lister = paramiko.SFTPClient.from_transport(transport)
-            if lister is None:
-                raise SyncError("the server refused the sftp subsystem")
-            try:
-                listing = list(
-                    _walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth)
-                )
-            finally:
-                lister.close()
-            break
+            if todo is None:
+                lister = paramiko.SFTPClient.from_transport(transport)
+                if lister is None:
+                    raise SyncError("the server refused the sftp subsystem")
+                try:
+                    lister.get_channel().settimeout(settings.io_timeout)
+                    listing = list(
+                        _walk_remote(
+                            lister, settings.remote_dir, settings.include, settings.max_depth
+                        )
+                    )
+                finally:
+                    lister.close()
+                todo = _plan(settings, listing, result, now())
+                if dry_run or not todo:
+                    return result
+                _remove_stale_partials(settings.local_dir, settings.max_depth)
+                pending = todo
+            _download_all(transport, pending, settings.parallel, settings.io_timeout)
         except (SyncError, OSError, paramiko.SSHException, EOFError) as exc:
-            if transport is not None:
-                transport.close()
-                transport = None
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, IOError) and not isinstance(exc, SyncError):
                 reason = f"listing {settings.remote_dir}: {reason}"
             if attempt > settings.retries:
                 result.error = f"sync failed after {attempt} attempts: {reason}"
+                for item in pending:  # a reconnect for lost downloads failed
+                    if item.status == WOULD_DOWNLOAD:
+                        item.status, item.reason = FAILED, f"reconnect failed: {reason}"
                 return result
             delay = _backoff(settings, attempt)
             log.warning("sftp attempt %d failed (%s); retrying in %.1fs", attempt, reason, delay)
             sleep(delay)
+            continue
+        finally:
+            if transport is not None:
+                transport.close()
+        lost = [f for f in pending if f.status == FAILED and f.connection_lost]
+        if not lost or attempt > settings.retries:
+            break
+        delay = _backoff(settings, attempt)
+        log.warning(
+            "connection lost during %d download(s), first %s (%s); reconnecting in %.1fs "
+            "(attempt %d of %d)",
+            len(lost),
+            lost[0].rel,
+            lost[0].reason,
+            delay,
+            attempt + 1,
+            settings.retries + 1,
+        )
+        sleep(delay)
+        for item in lost:
+            item.status, item.reason, item.connection_lost = WOULD_DOWNLOAD, "", False
+        pending = lost
+    assert todo is not None  # the loop leaves only after a listing (or returns)
+    failed = [f for f in todo if f.status == FAILED]
+    if failed:
+        result.error = f"{len(failed)} download(s) failed, first: {failed[0].rel}: " + (
+            failed[0].reason
+        )
+    return result
 
-    assert transport is not None
-    try:
-        todo: list[MirroredFile] = []
-        cutoff = now() - settings.min_age
-        for rel, attr in listing:
-            local = settings.local_dir.joinpath(*rel.split("/"))
-            size, mtime = int(attr.st_size or 0), int(attr.st_mtime or 0)
-            item = MirroredFile(
-                rel=rel,
-                remote=posixpath.join(settings.remote_dir, rel),
-                local=local,
-                size=size,
-                mtime=mtime,
-                status=UNCHANGED,
-            )
-            result.files.append(item)
-            try:
-                st = local.stat()
-                if st.st_size == size and int(st.st_mtime) == mtime:
-                    continue
-            except FileNotFoundError:
-                pass
-            if settings.min_age and mtime > cutoff:
-                item.status = SKIPPED_YOUNG
-                item.reason = f"younger than SMT_MIN_AGE={settings.min_age:g}s"
+
+def _plan(
+    settings: SftpSettings,
+    listing: list[tuple[str, paramiko.SFTPAttributes]],
+    result: MirrorResult,
+    now: float,
+) -> list[MirroredFile]:
+    """Record every listed file in ``result``; return those to download."""
+    todo: list[MirroredFile] = []
+    cutoff = now - settings.min_age
+    for rel, attr in listing:
+        local = settings.local_dir.joinpath(*rel.split("/"))
+        size, mtime = int(attr.st_size or 0), int(attr.st_mtime or 0)
+        item = MirroredFile(
+            rel=rel,
+            remote=posixpath.join(settings.remote_dir, rel),
+            local=local,
+            size=size,
+            mtime=mtime,
+            status=UNCHANGED,
+        )
+        result.files.append(item)
+        try:
+            st = local.stat()
+            if st.st_size == size and int(st.st_mtime) == mtime:
                 continue
-            item.status = WOULD_DOWNLOAD
-            todo.append(item)
-        if dry_run or not todo:
-            return result
-        _remove_stale_partials(settings.local_dir, settings.max_depth)
-        _download_all(transport, todo, settings.parallel)
-        failed = [f for f in todo if f.status == FAILED]
-        if failed:
-            result.error = f"{len(failed)} download(s) failed, first: {failed[0].rel}: " + (
-                failed[0].reason
-            )
-        return result
-    finally:
-        transport.close()
+        except FileNotFoundError:
+            pass
+        if settings.min_age and mtime > cutoff:
+            item.status = SKIPPED_YOUNG
+            item.reason = f"younger than SMT_MIN_AGE={settings.min_age:g}s"
+            continue
+        item.status = WOULD_DOWNLOAD
+        todo.append(item)
+    return todo
 
 
-def _download_all(transport: paramiko.Transport, todo: list[MirroredFile], parallel: int) -> None:
+def _download_all(
+    transport: paramiko.Transport, todo: list[MirroredFile], parallel: int, io_timeout: float
+) -> None:
     workers = max(1, min(parallel, len(todo)))
     clients: queue.Queue[paramiko.SFTPClient] = queue.Queue()
     opened: list[paramiko.SFTPClient] = []
+    lost = threading.Event()  # once the connection is gone, the rest waits for a reconnect
     try:
         for _ in range(workers):
             client = paramiko.SFTPClient.from_transport(transport)
             if client is None:
                 break
+            client.get_channel().settimeout(io_timeout)
             opened.append(client)
             clients.put(client)
         if not opened:
             for item in todo:
                 item.status, item.reason = FAILED, "cannot open an sftp channel"
+                item.connection_lost = True
             return
 
         def run(item: MirroredFile) -> MirroredFile:
+            if lost.is_set():
+                item.status, item.reason = FAILED, "not tried: the connection was lost"
+                item.connection_lost = True
+                return item
             client = clients.get()
             try:
-                return _download(client, item)
+                _download(client, item)
+                if item.connection_lost:
+                    lost.set()
+                return item
             finally:
                 clients.put(client)
 
@@ -489,6 +569,7 @@ def _download_all(transport: paramiko.Transport, todo: list[MirroredFile], paral
         for item in todo:
             if item.status == WOULD_DOWNLOAD:
                 item.status, item.reason = FAILED, str(exc) or type(exc).__name__
+                item.connection_lost = True
     finally:
         for client in opened:
             with contextlib.suppress(Exception):
