@@ -375,6 +375,34 @@ def test_ledger_full_after_a_200_exits_1_and_the_next_pass_records_the_duplicate
     assert run_pass(env, sync=False).counts() == {"skipped-already-posted": 3}
 
 
+def test_full_disk_with_room_for_ledger_lines_records_every_post_and_exits_1(
+    env, smt_csv, webapp, inbox, tmp_path: Path, tmpfs
+) -> None:
+    """The ledger's last page still has room (appends succeed) but its sidecar cannot be
+    rewritten: every accepted post is recorded, none is lost or repeated, and the pass still
+    exits 1 naming the sidecar and ENOSPC so the full disk gets noticed."""
+    state_dir = tmpfs(tmp_path / "state", "64k")
+    state_file = state_dir / "posted_sha256"
+    state_file.write_text("0" * 64 + "\n")
+    env = {**env, "STATE_FILE": str(state_file)}
+    digests = {
+        sha(smt_csv.write(inbox, name=f"b{i}_{ESIID}.csv", esiid=ESIID, seed=i).read_bytes())
+        for i in range(3)
+    }
+    filler = fill(state_dir)
+    proc = cli(["ingest", "--no-sync"], env)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{state_file}.json" in proc.stderr and "No space left on device" in proc.stderr
+    assert read_posted_digests(state_file) == digests | {"0" * 64}
+    stored_once(webapp, digests)
+    assert leftovers(state_dir) == []
+
+    filler.unlink()
+    again = run_pass(env, sync=False)
+    assert again.exit_code == 0 and again.counts() == {"skipped-already-posted": 3}
+    assert len(webapp.requests()) == 3
+
+
 # -- 3. configuration errors: exit 2 before any network traffic -----------------------------
 
 
@@ -573,3 +601,30 @@ def test_stalled_connection_times_out_reconnects_and_completes(env, sftp_peer, i
     assert sha((inbox / name).read_bytes()) == digest
     assert leftovers(inbox) == []
     assert job.elapsed < 15, f"took {job.elapsed:.1f}s for a 1 s I/O timeout"
+
+
+def test_upload_with_the_whole_disk_full_is_a_clear_5xx_and_stores_nothing(
+    tmp_path: Path, tmpfs, servers
+) -> None:
+    """The usual droplet: inbox, spool and limiter database on one filesystem, and it is full."""
+    disk = tmpfs(tmp_path / "disk", "1m")
+    inbox, spool_dir = disk / "inbox", disk / "spool"
+    inbox.mkdir()
+    env = upload_env(disk, inbox, spool_dir, SMT_ADMIN_UPLOAD_DAILY_LIMIT="1")
+    server = ServerProcess("upload-server", env, tmp_path / "upload.log").start()
+    servers.append(server)
+    filler = fill(disk)
+    data = csv_bytes(3000)
+    r = upload(server, data)
+    # The limiter's database is the first write, before any body byte is stored.
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "limiter_unavailable"
+    assert os.listdir(inbox) == [] and queued(spool_dir) == [] and leftovers(disk) == []
+    log = server.wait_for_log("database or disk is full")
+    assert "POST /upload 503" in log and UPLOAD_TOKEN not in log
+
+    filler.unlink()
+    r = upload(server, data)
+    assert r.status_code == 202, r.text  # nothing of the failed attempt was counted
+    assert (inbox / r.json()["filename"]).read_bytes() == data
+    assert len(queued(spool_dir)) == 1
