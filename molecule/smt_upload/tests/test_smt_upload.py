@@ -1,0 +1,163 @@
+"""What an operator checks by hand after `smt_upload` converged, plus one real upload."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+UNITS = ("smt-upload-server.service", "smt-ingest.service", "smt-ingest.path")
+INBOX = "/home/deploy/smt_inbox"
+SPOOL = "/var/spool/smt-ingest"
+ENV_FILE = "/etc/default/smt-upload-server"
+TOKEN = "molecule-UPLOAD-TOKEN-do-not-leak-0123456789"  # noqa: S105 - test value
+MAX_EXPOSURE = 3.0
+
+# Runs inside the container: multipart POST /upload of a small SMT CSV, print "<status> <body>".
+POST = """
+import sys, uuid, urllib.request, urllib.error
+csv = (b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,"
+       b"ESTIMATED_ACTUAL,CONSUMPTION_SURPLUSGENERATION\\r\\n"
+       b"'10443720000000099,1/1/2026,1/2/2026,00:00,00:15,0.25,A,Consumption\\r\\n")
+boundary = uuid.uuid4().hex
+body = (f"--{boundary}\\r\\nContent-Disposition: form-data; name=\\"file\\"; "
+        f"filename=\\"10443720000000099_molecule.csv\\"\\r\\nContent-Type: text/csv\\r\\n\\r\\n"
+        ).encode() + csv + f"\\r\\n--{boundary}--\\r\\n".encode()
+req = urllib.request.Request("http://127.0.0.1:8080/upload", data=body, method="POST",
+    headers={"content-type": f"multipart/form-data; boundary={boundary}",
+             "x-smt-upload-role": "admin"})
+if len(sys.argv) > 1:
+    req.add_header("x-smt-upload-token", sys.argv[1])
+try:
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def exposure(host, unit: str) -> float:
+    out = host.run(f"systemd-analyze security --no-pager {unit}").stdout
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def post(host, *args: str) -> tuple[int, str]:
+    if args:
+        out = host.run("python3 -c %s %s", POST, " ".join(args))
+    else:
+        out = host.run("python3 -c %s", POST)
+    assert out.rc == 0, out.stderr
+    status, _, body = out.stdout.strip().partition(" ")
+    return int(status), body
+
+
+def csv_files(host) -> list[str]:
+    return sorted(n for n in host.file(INBOX).listdir() if n.endswith(".csv"))
+
+
+def test_server_user_is_unprivileged(host):
+    user = host.user("smt-upload")
+    assert user.exists
+    assert user.shell == "/usr/sbin/nologin"
+    assert "smt-droplet" in user.groups
+    assert "deploy" not in user.groups
+    assert host.run("sudo -u smt-upload cat /etc/default/intelliwatt-smt").rc != 0
+    assert host.run(f"sudo -u smt-upload cat {ENV_FILE}").rc != 0
+
+
+def test_env_file(host):
+    f = host.file(ENV_FILE)
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o640)
+    content = f.content_string
+    assert f"SMT_UPLOAD_TOKEN={TOKEN}\n" in content
+    for line in (
+        "SMT_UPLOAD_PORT=8080",
+        "SMT_ADMIN_UPLOAD_DAILY_LIMIT=50",
+        "SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT=5",
+        "SMT_UPLOAD_STATE=/var/lib/smt-upload/",
+        f"SMT_LOCAL_DIR={INBOX}",
+        f"SMT_SPOOL_DIR={SPOOL}",
+        f"STATE_FILE={INBOX}/.posted_sha256",
+    ):
+        assert line in content
+    assert not re.search(r"^ADMIN_TOKEN=", content, re.M)
+
+
+def test_service_enabled_running_listening(host):
+    service = host.service("smt-upload-server.service")
+    assert service.is_enabled
+    assert service.is_running
+    props = service.systemd_properties
+    assert props["User"] == "smt-upload"
+    assert props["UMask"] == "0007"
+    assert host.socket("tcp://0.0.0.0:8080").is_listening
+    assert host.run(f"ps -o user= -p {props['MainPID']}").stdout.strip() == "smt-upload"
+    state = host.file("/var/lib/smt-upload")
+    assert state.is_directory and state.user == "smt-upload" and state.mode == 0o700
+
+
+def test_systemd_analyze_verify(host):
+    out = host.run("systemd-analyze verify /etc/systemd/system/smt-upload-server.service")
+    assert out.rc == 0, out.stderr
+    assert "smt-upload-server.service" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("unit", ["smt-upload-server.service", "smt-ingest.service"])
+def test_security_exposure(host, unit):
+    score = exposure(host, unit)
+    print(f"systemd-analyze security {unit}: {score}")
+    assert score <= MAX_EXPOSURE
+
+
+def test_ufw_opens_only_ssh_and_upload(host):
+    out = host.run("ufw status verbose")
+    assert "Status: active" in out.stdout
+    ports = set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out.stdout, re.M))
+    assert ports == {"22/tcp", "8080/tcp"}, out.stdout
+
+
+def test_upload_lands_in_inbox_and_queues_a_pass(host):
+    before_files = csv_files(host)
+    status, body = post(host)
+    assert status == 401, body
+    status, body = post(host, "wrong-token")
+    assert status == 401, body
+    assert csv_files(host) == before_files  # rejected before a byte was written
+
+    host.run("systemctl reset-failed smt-ingest.service")
+    before = host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+    status, body = post(host, TOKEN)
+    assert status == 202, body
+    reply = json.loads(body)
+    assert reply["ok"] is True and reply["stored"] is True and reply["queued"] is True
+
+    new = [n for n in csv_files(host) if n not in before_files]
+    assert len(new) == 1 and new[0].endswith("10443720000000099_molecule.csv"), new
+    stored = host.file(f"{INBOX}/{new[0]}")
+    # Written by smt-upload, group from the setgid inbox, readable by the ingest user.
+    assert (stored.user, stored.group, stored.mode) == ("smt-upload", "smt-droplet", 0o660)
+    assert host.run(f"sudo -u deploy head -c1 {INBOX}/{new[0]}").rc == 0
+    assert host.file("/var/lib/smt-upload").listdir()  # the limiter's state is on disk
+
+    def pass_ran() -> bool:
+        props = host.service("smt-ingest.service").systemd_properties
+        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
+            "failed",
+            "inactive",
+        )
+
+    assert wait_for(pass_ran, timeout=90)
+    assert not [n for n in host.file(f"{SPOOL}/queue").listdir() if n.endswith(".json")]

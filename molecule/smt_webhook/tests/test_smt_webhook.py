@@ -1,0 +1,145 @@
+"""What an operator checks by hand after `smt_webhook` converged, plus one real trigger."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+UNITS = ("smt-webhook.service", "smt-ingest.service", "smt-ingest.path")
+SPOOL = "/var/spool/smt-ingest"
+ENV_FILE = "/etc/default/smt-webhook"
+SECRET = "molecule-WEBHOOK-SECRET-do-not-leak-0123456789"  # noqa: S105 - test value
+MAX_EXPOSURE = 3.0
+
+# Runs inside the container: POST /trigger/smt-now, print "<status> <body>".
+POST = """
+import sys, urllib.request, urllib.error
+req = urllib.request.Request("http://127.0.0.1:8787/trigger/smt-now",
+                             data=b'{"reason": "molecule"}', method="POST",
+                             headers={"content-type": "application/json"})
+if len(sys.argv) > 1:
+    req.add_header("x-intelliwatt-secret", sys.argv[1])
+try:
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def exposure(host, unit: str) -> float:
+    out = host.run(f"systemd-analyze security --no-pager {unit}").stdout
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def post(host, *args: str) -> tuple[int, str]:
+    if args:
+        out = host.run("python3 -c %s %s", POST, " ".join(args))
+    else:
+        out = host.run("python3 -c %s", POST)
+    assert out.rc == 0, out.stderr
+    status, _, body = out.stdout.strip().partition(" ")
+    return int(status), body
+
+
+def test_server_user_is_unprivileged(host):
+    user = host.user("smt-webhook")
+    assert user.exists
+    assert user.shell == "/usr/sbin/nologin"
+    assert "smt-droplet" in user.groups
+    assert "deploy" not in user.groups
+    # Least privilege: the webhook cannot read ADMIN_TOKEN (nor its own env file: systemd does).
+    assert host.run("sudo -u smt-webhook cat /etc/default/intelliwatt-smt").rc != 0
+    assert host.run(f"sudo -u smt-webhook cat {ENV_FILE}").rc != 0
+
+
+def test_env_file(host):
+    f = host.file(ENV_FILE)
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o640)
+    content = f.content_string
+    assert f"INTELLIWATT_WEBHOOK_SECRET={SECRET}\n" in content
+    for name in ("SMT_WEBHOOK_PORT=8787", "SMT_WEBHOOK_BIND=", "SMT_SPOOL_DIR=", "SMT_LOCAL_DIR="):
+        assert name in content
+
+
+def test_service_enabled_running_listening(host):
+    service = host.service("smt-webhook.service")
+    assert service.is_enabled
+    assert service.is_running
+    props = service.systemd_properties
+    assert props["User"] == "smt-webhook"
+    assert props["UMask"] == "0007"
+    assert host.socket("tcp://0.0.0.0:8787").is_listening
+    pid = props["MainPID"]
+    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == "smt-webhook"
+
+
+def test_systemd_analyze_verify(host):
+    out = host.run("systemd-analyze verify /etc/systemd/system/smt-webhook.service")
+    assert out.rc == 0, out.stderr
+    assert "smt-webhook.service" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("unit", ["smt-webhook.service", "smt-ingest.service"])
+def test_security_exposure(host, unit):
+    score = exposure(host, unit)
+    print(f"systemd-analyze security {unit}: {score}")
+    assert score <= MAX_EXPOSURE
+
+
+def test_ufw_opens_only_ssh_and_webhook(host):
+    out = host.run("ufw status verbose")
+    assert "Status: active" in out.stdout
+    ports = set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out.stdout, re.M))
+    assert ports == {"22/tcp", "8787/tcp"}, out.stdout
+
+
+def test_health(host):
+    out = host.run(
+        'python3 -c \'import urllib.request as u; r = u.urlopen("http://127.0.0.1:8787/health", '
+        "timeout=5); print(r.status)'"
+    )
+    assert out.stdout.strip() == "200", out.stderr
+
+
+def test_trigger_queues_a_pass_that_the_path_unit_starts(host):
+    status, body = post(host)
+    assert status == 401, body
+    status, body = post(host, "wrong-secret")
+    assert status == 401, body
+    assert not host.file(f"{SPOOL}/queue").listdir()
+
+    host.run("systemctl reset-failed smt-ingest.service")
+    before = host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+    status, body = post(host, SECRET)
+    assert status == 202, body
+    reply = json.loads(body)
+    assert reply["ok"] is True and reply["queued"] is True
+
+    def pass_ran() -> bool:
+        props = host.service("smt-ingest.service").systemd_properties
+        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
+            "failed",
+            "inactive",
+        )
+
+    # smt-ingest.path sees queue/ non-empty and starts the pass, which claims the request first.
+    assert wait_for(pass_ran, timeout=90)
+    assert not [n for n in host.file(f"{SPOOL}/queue").listdir() if n.endswith(".json")]
+    props = host.service("smt-ingest.service").systemd_properties
+    assert props["ExecMainStatus"] == "1", props  # no SFTP/web app here: retry later
+    assert host.service("smt-ingest.path").is_running  # no trigger-limit loop
