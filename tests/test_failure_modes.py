@@ -393,6 +393,7 @@ def test_full_disk_with_room_for_ledger_lines_records_every_post_and_exits_1(
     proc = cli(["ingest", "--no-sync"], env)
     assert proc.returncode == 1, proc.stderr
     assert f"{state_file}.json" in proc.stderr and "No space left on device" in proc.stderr
+    assert "ledger=failed exit=1" in proc.stderr
     assert read_posted_digests(state_file) == digests | {"0" * 64}
     stored_once(webapp, digests)
     assert leftovers(state_dir) == []

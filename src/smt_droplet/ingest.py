@@ -103,6 +103,7 @@ class PassResult:
     sync: Any = None  # sftp_mirror.MirrorResult when a sync ran
     sync_error: str | None = None
     fatal: str | None = None
+    ledger_error: str | None = None  # sidecar not saved (the posts themselves are recorded)
     requests: int = 0
 
     def counts(self) -> dict[str, int]:
@@ -112,7 +113,11 @@ class PassResult:
     def exit_code(self) -> int:
         if self.fatal:
             return EXIT_CONFIG
-        if self.sync_error or any(f.outcome in RETRY_OUTCOMES for f in self.files):
+        if (
+            self.sync_error
+            or self.ledger_error
+            or any(f.outcome in RETRY_OUTCOMES for f in self.files)
+        ):
             return EXIT_RETRY
         return EXIT_OK
 
@@ -129,6 +134,8 @@ class PassResult:
             parts.append(f"downloaded={len(self.sync.downloaded)}")
         if self.sync_error:
             parts.append("sync=failed")
+        if self.ledger_error:
+            parts.append("ledger=failed")
         parts.append(f"exit={self.exit_code}")
         return "summary " + " ".join(parts)
 
@@ -140,6 +147,7 @@ class PassResult:
             "downloaded": len(self.sync.downloaded) if self.sync is not None else None,
             "sync_error": self.sync_error,
             "fatal": self.fatal,
+            "ledger_error": self.ledger_error,
             "requests": self.requests,
         }
 
@@ -530,9 +538,11 @@ def post_pending(
             try:
                 ledger.save()
             except LedgerError as exc:
-                if not any(f.outcome == UNRECORDED for f in result.files):
-                    raise
-                log.warning("ledger sidecar not saved either: %s", exc)
+                if any(f.outcome == UNRECORDED for f in result.files):
+                    log.warning("ledger sidecar not saved either: %s", exc)
+                else:
+                    result.ledger_error = str(exc)
+                    log.error("ledger: %s", exc)
     return result
 
 
