@@ -160,10 +160,14 @@ def bed(host: Any) -> Iterator[Bed]:
 
 @pytest.fixture(scope="module")
 def inventory_dir() -> Path:
-    """Molecule's inventory directory (it holds the linked test bed group_vars)."""
+    """The inventory that reaches the container: Molecule's (it holds the linked test bed
+    group_vars) or ``SMT_TEST_INVENTORY`` (e.g. molecule/testbed/demo-inventory.yml)."""
+    explicit = os.environ.get("SMT_TEST_INVENTORY")
+    if explicit:
+        return Path(explicit)
     ephemeral = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY")
     if not ephemeral:
-        pytest.skip("needs Molecule's inventory (run through `molecule verify`)")
+        pytest.skip("needs Molecule's inventory (molecule verify) or SMT_TEST_INVENTORY")
     return Path(ephemeral) / "inventory"
 
 
