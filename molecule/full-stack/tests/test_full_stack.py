@@ -28,6 +28,20 @@ def test_units_enabled_and_running(host: Any) -> None:
     assert host.socket("tcp://0.0.0.0:8080").is_listening
 
 
+def test_servers_run_sandboxed(host: Any) -> None:
+    """ProtectSystem=strict really applies (the container's systemd can build the namespace):
+    / is read-only in the server's mount namespace, while it is read-write in the container."""
+    for unit in ("smt-webhook.service", "smt-upload-server.service"):
+        pid = host.run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+        assert pid and pid != "0", f"{unit} has no main process"
+        mounts = host.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines()
+        root = [m.split() for m in mounts if m.split()[4] == "/"]
+        assert root, mounts
+        assert "ro" in root[-1][5].split(","), f"{unit}: / is not read-only: {root[-1]}"
+        user = host.run(f"ps -o user= -p {pid}").stdout.strip()
+        assert user not in ("", "root"), f"{unit} runs as {user!r}"
+
+
 def test_1_csv_on_peer_posted_exactly_once(bed: Bed) -> None:
     placed = bed.place_on_peer()
     assert bed.posts_of(placed.sha256) == []
