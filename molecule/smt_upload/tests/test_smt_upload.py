@@ -45,6 +45,17 @@ def exposure(host, unit: str) -> float:
     return float(match.group(1))
 
 
+def mount_options(host, pid: str, mount_point: str) -> str:
+    """'<fstype> <options>' of the mount at mount_point in pid's namespace ('' when none)."""
+    found = ""
+    for line in host.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[4] == mount_point:
+            fstype = fields[fields.index("-") + 1]
+            found = f"{fstype} {fields[5]}"  # the last (topmost) mount wins
+    return found
+
+
 def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,3 +172,12 @@ def test_upload_lands_in_inbox_and_queues_a_pass(host):
 
     assert wait_for(pass_ran, timeout=90)
     assert not [n for n in host.file(f"{SPOOL}/queue").listdir() if n.endswith(".json")]
+
+
+def test_sandbox_of_the_running_server(host):
+    """The running server sees / read-only, an empty /home with only the inbox bound (rw)."""
+    pid = host.service("smt-upload-server.service").systemd_properties["MainPID"]
+    assert " ro" in mount_options(host, pid, "/"), "ProtectSystem=strict not applied"
+    assert mount_options(host, pid, "/home").startswith("tmpfs ")  # ProtectHome=tmpfs
+    assert mount_options(host, pid, "/home/deploy/smt_inbox").split()[1].startswith("rw")
+    assert mount_options(host, pid, "/var/spool/smt-ingest").split()[1].startswith("rw")

@@ -37,6 +37,17 @@ def exposure(host, unit: str) -> float:
     return float(match.group(1))
 
 
+def mount_options(host, pid: str, mount_point: str) -> str:
+    """'<fstype> <options>' of the mount at mount_point in pid's namespace ('' when none)."""
+    found = ""
+    for line in host.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[4] == mount_point:
+            fstype = fields[fields.index("-") + 1]
+            found = f"{fstype} {fields[5]}"  # the last (topmost) mount wins
+    return found
+
+
 def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -143,3 +154,12 @@ def test_trigger_queues_a_pass_that_the_path_unit_starts(host):
     props = host.service("smt-ingest.service").systemd_properties
     assert props["ExecMainStatus"] == "1", props  # no SFTP/web app here: retry later
     assert host.service("smt-ingest.path").is_running  # no trigger-limit loop
+
+
+def test_sandbox_of_the_running_server(host):
+    """The running server sees / read-only, an empty /home with only the inbox bound (ro)."""
+    pid = host.service("smt-webhook.service").systemd_properties["MainPID"]
+    assert " ro" in mount_options(host, pid, "/"), "ProtectSystem=strict not applied"
+    assert mount_options(host, pid, "/home").startswith("tmpfs ")  # ProtectHome=tmpfs
+    assert mount_options(host, pid, "/home/deploy/smt_inbox").split()[1].startswith("ro")
+    assert mount_options(host, pid, "/var/spool/smt-ingest").split()[1].startswith("rw")
