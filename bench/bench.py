@@ -235,7 +235,8 @@ class Runner:
     # -- processes ----------------------------------------------------------------------------
 
     def show(self, text: str) -> str:
-        return text.replace(str(self.work), "$W").replace(str(REPO) + "/", "")
+        text = text.replace(str(self.work), "$W").replace(str(REPO) + "/", "")
+        return text.replace(TOKEN, "$TOKEN").replace(SECRET, "$SECRET")
 
     def note_command(self, argv: list[str] | str) -> None:
         text = argv if isinstance(argv, str) else shlex.join(argv)
@@ -243,7 +244,9 @@ class Runner:
             self.current.commands.append(self.show(text))
 
     def spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> Any:
-        self.note_command(argv)
+        extra = {k: v for k, v in (env or {}).items() if self.env.get(k) != v}
+        shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra.items()))
+        self.note_command(f"{shown} {shlex.join(argv)}".strip())
         log = open(self.work / log_name, "ab")
         proc = subprocess.Popen(
             argv,
@@ -382,7 +385,9 @@ class Runner:
             }
         )
         values.update(extra)
-        return write_env(self.work / f"{name}.env", values)
+        path = write_env(self.work / f"{name}.env", values)
+        self.note_command(f"# {path}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+        return path
 
 
 # -- 1 + 2: SFTP mirror ---------------------------------------------------------------------
