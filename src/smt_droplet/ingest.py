@@ -217,7 +217,7 @@ class PostContext:
 
     settings: PostSettings
     ledger: Ledger
-    session: Any = None  # requests.Session; None in check mode
+    session: Any = None  # requests.Session, created by the first POST (never in check mode)
     plan: RunPlan = field(default_factory=RunPlan)
     check: bool = False
     pgp: PgpSettings = field(default_factory=PgpSettings)
@@ -337,6 +337,8 @@ def _post_and_record(
     from . import inline_post  # requests is imported only when something is posted
 
     assert result.sha256 is not None and result.esiid is not None
+    if ctx.session is None:  # an idle pass never imports requests nor builds a session
+        ctx.session = _new_session()
     ledger, digest = ctx.ledger, result.sha256
     extra = None
     if delivery is not None:
@@ -524,7 +526,7 @@ def post_pending(
     ctx = PostContext(
         settings,
         ledger,
-        None if check else _new_session(),
+        None,  # created on the first POST
         plan or RunPlan(),
         check,
         pgp or PgpSettings(),

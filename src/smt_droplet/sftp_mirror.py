@@ -41,6 +41,7 @@ import stat
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,8 +57,10 @@ log = logging.getLogger("smt_droplet.sftp")
 
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET = 32768
-REQUEST_SIZE = 32768  # what paramiko asks for per READ request
-READ_WINDOW = 8 * 1024 * 1024  # bytes requested ahead (256 requests in flight)
+REQUEST_SIZE = 32768  # what paramiko's readv asks for per READ request (the fallback)
+READ_WINDOW = 8 * 1024 * 1024  # bytes requested ahead by the readv fallback
+PIPE_REQUEST = 128 * 1024  # our READ requests for large files (OpenSSH serves up to 255 KiB)
+PIPE_DEPTH = 32  # READ requests in flight per file (4 MiB)
 SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 
 DOWNLOADED = "downloaded"
@@ -327,6 +330,68 @@ def _read_windowed(remote: paramiko.SFTPFile, size: int, out: BinaryIO) -> int:
     return received
 
 
+class _Replies:
+    """Where paramiko puts answers to our READ requests that arrive while it waits for another
+    one (and answers to requests still in flight when a read stopped early)."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self.got[num] = (t, msg)
+
+
+def _read_pipelined(
+    sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile, size: int, fd: int
+) -> int | None:
+    """Read ``size`` bytes with ``PIPE_DEPTH`` READ requests of ``PIPE_REQUEST`` bytes in flight
+    and ``os.pwrite`` each answer at its offset; returns the bytes received (fewer than ``size``
+    if the file shrank), or ``None`` if this paramiko lacks the request API (2.x to 5.x have it).
+
+    paramiko's ``readv`` splits every range into 32 KiB requests and hands each answer through
+    its prefetch thread; 128 KiB requests kept in flight continuously halve the CPU per byte
+    and about double the throughput. A server that answers with less than asked (a smaller
+    read limit) gets the remainder asked again and smaller requests from then on.
+    """
+    request = getattr(sftp, "_async_request", None)
+    wait = getattr(sftp, "_read_response", None)
+    handle = getattr(remote, "handle", None)
+    if request is None or wait is None or handle is None:
+        return None
+    from paramiko.sftp import CMD_DATA, CMD_READ, int64
+
+    replies = _Replies()
+    inflight: deque[tuple[int, int, int]] = deque()
+    chunk = PIPE_REQUEST
+    offset = received = 0
+    try:
+        while offset < size or inflight:
+            while offset < size and len(inflight) < PIPE_DEPTH:
+                length = min(chunk, size - offset)
+                num = request(replies, CMD_READ, handle, int64(offset), int(length))
+                inflight.append((num, offset, length))
+                offset += length
+            num, at, length = inflight.popleft()
+            answer = replies.got.pop(num, None)
+            t, msg = answer if answer is not None else wait(num)
+            if t != CMD_DATA:
+                sftp._convert_status(msg)  # raises EOFError at EOF, OSError on an error
+                raise paramiko.SFTPError(f"unexpected answer {t} to READ")
+            data = msg.get_string()
+            if not data:
+                raise EOFError("empty READ answer")
+            os.pwrite(fd, data, at)
+            received += len(data)
+            if len(data) < length:  # a short answer: ask for the rest, and less from now on
+                chunk = max(len(data), 4096)
+                rest = at + len(data)
+                num = request(replies, CMD_READ, handle, int64(rest), int(length - len(data)))
+                inflight.append((num, rest, length - len(data)))
+    except EOFError:  # the file is shorter than listed: the caller sees received < size
+        pass
+    return received
+
+
 def _close_without_waiting(remote: paramiko.SFTPFile) -> None:
     """Send CLOSE and do not wait for its answer (the server handles requests in order, and
     paramiko consumes the late answer): one round trip less per file. ``with`` closes again,
@@ -367,7 +432,10 @@ def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
                     out.write(small)
                     received = len(small)
                 else:
-                    received = _read_windowed(remote, item.size, out)
+                    piped = _read_pipelined(sftp, remote, item.size, out.fileno())
+                    if piped is None:
+                        piped = _read_windowed(remote, item.size, out)
+                    received = piped
                     after = remote.stat()
                     after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
                 _close_without_waiting(remote)
