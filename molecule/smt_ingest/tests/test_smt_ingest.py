@@ -32,7 +32,9 @@ def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
     return predicate()
 
 
-@pytest.mark.parametrize("name", ["python3", "python3-paramiko", "python3-requests", "ufw"])
+@pytest.mark.parametrize(
+    "name", ["python3", "python3-paramiko", "python3-requests", "gnupg", "ufw"]
+)
 def test_packages(host, name):
     assert host.package(name).is_installed
 
