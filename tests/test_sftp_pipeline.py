@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -77,3 +78,92 @@ def test_file_that_shrank_reads_short(sftp_peer: SftpPeer, tmp_path: Path) -> No
     finally:
         transport.close()
     assert (tmp_path / "out").read_bytes() == path.read_bytes()
+
+
+def small_items(peer: SftpPeer, inbox: Path, names: list[str]) -> list[sftp_mirror.MirroredFile]:
+    items = []
+    for name in names:
+        path = peer.root / name
+        st = path.stat() if path.exists() else None
+        items.append(
+            sftp_mirror.MirroredFile(
+                rel=name,
+                remote=str(path),
+                local=inbox / name,
+                size=st.st_size if st else 100,
+                mtime=int(st.st_mtime) if st else 0,
+                status=sftp_mirror.WOULD_DOWNLOAD,
+            )
+        )
+    return items
+
+
+def test_small_files_pipelined_on_one_channel(sftp_peer: SftpPeer, inbox: Path) -> None:
+    """More files than SMALL_DEPTH in flight; an empty file; a file gone since the listing
+    fails alone; a file grown since the listing is not kept."""
+    data = {f"f{i:03}.csv": os.urandom(1000 + i * 97) for i in range(3 * sftp_mirror.SMALL_DEPTH)}
+    for name, body in data.items():
+        put(sftp_peer.root, name, body)
+    put(sftp_peer.root, "empty.csv", b"")
+    put(sftp_peer.root, "grown.csv", b"a,b\n")
+    names = ["empty.csv", *data, "gone.csv", "grown.csv"]
+    items = small_items(sftp_peer, inbox, names)
+    with open(sftp_peer.root / "grown.csv", "ab") as fh:
+        fh.write(b"1,2\n")
+    settings = settings_for(sftp_peer, inbox)
+    transport = connect(settings, load_private_key(settings.key))
+    try:
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        assert sftp_mirror._download_small_batch(sftp, items)
+        assert sftp.listdir(str(sftp_peer.root))  # the channel is still in order
+    finally:
+        transport.close()
+    status = {i.rel: i.status for i in items}
+    assert status.pop("gone.csv") == "failed"
+    assert status.pop("grown.csv") == "skipped-growing"
+    assert set(status.values()) == {"downloaded"}
+    assert not any(i.connection_lost for i in items)
+    for name, body in data.items():
+        assert (inbox / name).read_bytes() == body
+        assert int((inbox / name).stat().st_mtime) == int((sftp_peer.root / name).stat().st_mtime)
+    assert (inbox / "empty.csv").read_bytes() == b""
+    assert sorted(p.name for p in inbox.iterdir()) == sorted(["empty.csv", *data])
+
+
+def test_connection_killed_during_small_files_reconnects_and_completes(
+    sftp_peer: SftpPeer, inbox: Path
+) -> None:
+    data = {f"s{i:04}.csv": os.urandom(2000) + str(i).encode() for i in range(1500)}
+    for name, body in data.items():
+        put(sftp_peer.root, name, body)
+    env = {
+        **sftp_peer.env(),
+        "SMT_LOCAL_DIR": str(inbox),
+        "SMT_SFTP_RETRIES": "2",
+        "SMT_RETRY_BASE_DELAY": "0.05",
+        "SMT_SFTP_PARALLEL": "1",
+    }
+    sleeps: list[float] = []
+    killed = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if len(os.listdir(inbox)) >= 50:
+                sftp_peer.kill_connections()
+                killed.set()
+                return
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = mirror(SftpSettings.from_env(env), sleep=sleeps.append)
+    thread.join()
+    assert killed.is_set()
+    assert result.error is None, result.error
+    assert len(result.downloaded) == len(data)
+    assert sleeps == [0.05]  # one reconnect
+    assert sorted(os.listdir(inbox)) == sorted(data)  # no partial file left
+    for name, body in data.items():
+        assert (inbox / name).read_bytes() == body
