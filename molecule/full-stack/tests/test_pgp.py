@@ -92,7 +92,8 @@ def test_encrypted_delivery_posts_the_interval_csv_once(bed: Bed, workdir: str) 
     assert bed.host.run(f"ls {INBOX}/{interval.name}").rc != 0
     assert bed.host.run("pgrep -u deploy gpg-agent").rc != 0
     status = bed.run(
-        f"runuser -u deploy -- env PYTHONPATH=/opt/smt-droplet STATE_FILE={INBOX}/.posted_sha256 "
+        f"runuser -u deploy -- env PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/smt-droplet "
+        f"STATE_FILE={INBOX}/.posted_sha256 "
         f"python3 -m smt_droplet status --env-file {ENV_FILE}"
     ).stdout
     line = next((row for row in status.splitlines() if asc_name in row), "")
