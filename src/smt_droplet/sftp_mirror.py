@@ -14,8 +14,10 @@
   changes while it is read is discarded and retried next pass.
 * **How**: into ``.<name>.<random>.partial`` in the destination directory (dot files are never
   posted), fsync, set the remote mtime, rename — an interrupted download never looks like a
-  file. paramiko with read-ahead (``prefetch``), a 64 MiB SSH window and ``SMT_SFTP_PARALLEL``
-  (default 4) files in flight on separate SFTP channels of one connection.
+  file. ``SMT_SFTP_PARALLEL`` (default 4) SFTP channels of one connection (64 MiB SSH window):
+  small files (< 32 KiB) go in batches per channel with ``SMALL_DEPTH`` files in flight
+  (OPEN/READ/CLOSE pipelined); a large file is read with ``PIPE_DEPTH`` READ requests of
+  ``PIPE_REQUEST`` bytes in flight, each answer written at its offset.
 * **Failures**: connecting is retried ``SMT_SFTP_RETRIES`` times with exponential backoff
   (``SMT_RETRY_BASE_DELAY`` * 2**n, capped at ``SMT_RETRY_MAX_DELAY``); then :class:`MirrorResult`
   carries the error and the pass goes on with what is local (exit 1). A connection that drops
