@@ -345,6 +345,16 @@ class _Replies:
         self.got[num] = (t, msg)
 
 
+def _int64_type() -> type[int]:
+    """The int subclass paramiko's request packer writes as a 64-bit integer: ``int64`` in
+    ``paramiko.sftp`` (3.x and later), ``long`` in ``paramiko.py3compat`` (2.x, Debian 12)."""
+    try:
+        from paramiko.sftp import int64  # type: ignore[attr-defined]
+    except ImportError:
+        from paramiko.py3compat import long as int64  # type: ignore[no-redef]
+    return int64
+
+
 def _read_pipelined(
     sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile, size: int, fd: int
 ) -> int | None:
@@ -362,8 +372,9 @@ def _read_pipelined(
     handle = getattr(remote, "handle", None)
     if request is None or wait is None or handle is None:
         return None
-    from paramiko.sftp import CMD_DATA, CMD_READ, int64
+    from paramiko.sftp import CMD_DATA, CMD_READ
 
+    int64 = _int64_type()
     replies = _Replies()
     inflight: deque[tuple[int, int, int]] = deque()
     chunk = PIPE_REQUEST
@@ -520,8 +531,9 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
         CMD_OPEN,
         CMD_READ,
         SFTP_FLAG_READ,
-        int64,
     )
+
+    int64 = _int64_type()
 
     replies = _Replies()
     todo = deque(items)
