@@ -463,7 +463,12 @@ def _classify_failure(
     missing = [args.split(" ")[0] for args in status.get("NO_SECKEY", [])]
     if recipients and missing and set(missing) >= set(recipients):
         ids = ", ".join(f"0x{r}" for r in recipients)
-        if _has_secret_key(gnupg_home, gpg_binary):
+        ours = _secret_key_ids(gnupg_home, gpg_binary)
+        if ours & {m.upper() for m in missing}:
+            # gpg 2.4 reports NO_SECKEY for a key it holds but cannot unlock (no or wrong
+            # passphrase): our problem, not the file's.
+            return DecryptFailed(path, f"secret key for {ids} is locked: {message}")
+        if ours:
             return WrongKey(path, f"encrypted to {ids}, which is not the droplet's key")
         return NoSecretKey(path, f"encrypted to {ids}; the keyring holds no secret key")
     if "NEED_PASSPHRASE_SYM" in status and not recipients:
@@ -480,13 +485,19 @@ def _classify_failure(
     return DecryptFailed(path, f"gpg exit {returncode}: {message}")
 
 
-def _has_secret_key(gnupg_home: Path | None, gpg_binary: str) -> bool:
+def _secret_key_ids(gnupg_home: Path | None, gpg_binary: str) -> set[str]:
+    """Long key IDs (upper-case hex) of every secret key and subkey in the keyring."""
     cmd = [gpg_binary, *_base_args(gnupg_home), "--with-colons", "--list-secret-keys"]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=30, shell=False, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(line.startswith((b"sec:", b"ssb:")) for line in proc.stdout.splitlines())
+        return set()
+    ids = set()
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if fields[0] in ("sec", "ssb") and len(fields) > 4 and fields[4]:
+            ids.add(fields[4].upper())
+    return ids
 
 
 # -------------------------------------------------------------------------------------- zip
