@@ -1,17 +1,11 @@
-"""On a failed check, attach the journal of the units the test module names (``UNITS``)."""
+"""On a failed check, attach the journal of the units the test module names (``UNITS``);
+the hook and the helpers live in ``molecule/shared/role_checks.py``."""
 
 from __future__ import annotations
 
-import pytest
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    host = item.funcargs.get("host") if hasattr(item, "funcargs") else None
-    if report.when != "call" or not report.failed or host is None:
-        return
-    for unit in getattr(item.module, "UNITS", ()):
-        journal = host.run(f"journalctl -u {unit} --no-pager -n 60").stdout
-        report.sections.append((f"journalctl -u {unit}", journal))
+from role_checks import pytest_runtest_makereport  # noqa: F401  (registers the hook)

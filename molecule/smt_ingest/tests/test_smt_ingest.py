@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+from role_checks import exposure, wait_for
 
 UNITS = ("smt-ingest.service", "smt-ingest.timer", "smt-ingest.path")
 INBOX = "/home/deploy/smt_inbox"
@@ -14,22 +15,6 @@ SPOOL = "/var/spool/smt-ingest"
 ENV_FILE = "/etc/default/intelliwatt-smt"
 DROPIN = "/etc/systemd/system/smt-ingest.service.d/override.conf"
 MAX_EXPOSURE = 3.0
-
-
-def exposure(host, unit: str) -> float:
-    out = host.run(f"systemd-analyze security --no-pager {unit}").stdout
-    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
-    assert match, out
-    return float(match.group(1))
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.mark.parametrize(

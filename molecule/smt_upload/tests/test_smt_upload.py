@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
+from role_checks import exposure, mount_options, wait_for
 
 UNITS = ("smt-upload-server.service", "smt-ingest.service", "smt-ingest.path")
 INBOX = "/home/deploy/smt_inbox"
@@ -36,33 +36,6 @@ try:
 except urllib.error.HTTPError as exc:
     print(exc.code, exc.read().decode())
 """
-
-
-def exposure(host, unit: str) -> float:
-    out = host.run(f"systemd-analyze security --no-pager {unit}").stdout
-    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
-    assert match, out
-    return float(match.group(1))
-
-
-def mount_options(host, pid: str, mount_point: str) -> str:
-    """'<fstype> <options>' of the mount at mount_point in pid's namespace ('' when none)."""
-    found = ""
-    for line in host.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[4] == mount_point:
-            fstype = fields[fields.index("-") + 1]
-            found = f"{fstype} {fields[5]}"  # the last (topmost) mount wins
-    return found
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def post(host, *args: str) -> tuple[int, str]:
