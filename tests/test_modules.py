@@ -8,7 +8,6 @@ as on a droplet.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,13 +17,12 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import REPO, VENV_BIN, run_playbook, task_results
 
 from smt_droplet.ledger import read_posted_digests
 from testbed.intelliwatt_double import IntelliWattDouble
 from testbed.sftp_peer import SftpPeer
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = REPO / ".venv" / "bin"
 ESIID = "10443720000000011"
 CONTENT_ESIID = "10443720000000022"
 OLD = time.time() - 3600
@@ -32,54 +30,6 @@ OLD = time.time() - 3600
 pytestmark = pytest.mark.skipif(
     not (VENV_BIN / "ansible-playbook").exists(), reason="ansible-playbook not in .venv"
 )
-
-
-def run_playbook(
-    tmp_path: Path,
-    plays: list[dict[str, Any]] | Path,
-    *args: str,
-    inventory: str = "localhost,",
-    json_output: bool = True,
-    python: str | None = None,
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
-    if isinstance(plays, Path):
-        playbook = plays
-    else:
-        playbook = tmp_path / f"play-{time.monotonic_ns()}.yml"
-        playbook.write_text(yaml.safe_dump(plays, sort_keys=False))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SMT_"))},
-        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
-        "ANSIBLE_REMOTE_TMP": str(tmp_path / "ansible-remote"),
-        "ANSIBLE_NOCOLOR": "1",
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-    }
-    if json_output:
-        env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
-    cmd = [
-        str(VENV_BIN / "ansible-playbook"),
-        "-i",
-        inventory,
-        "-e",
-        f"ansible_python_interpreter={python or VENV_BIN / 'python'}",
-        str(playbook),
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
-    )
-    parsed = json.loads(proc.stdout) if json_output and proc.stdout.strip() else None
-    return proc, parsed
-
-
-def task_results(parsed: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """task name → the single host's result."""
-    out = {}
-    for play in parsed["plays"]:
-        for task in play["tasks"]:
-            out[task["task"]["name"]] = next(iter(task["hosts"].values()))
-    return out
 
 
 def local_play(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
