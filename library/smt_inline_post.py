@@ -172,9 +172,7 @@ log:
   elements: str
 """
 
-import logging
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -186,16 +184,15 @@ try:
 except ImportError:
     REQUESTS_ERROR = traceback.format_exc()
 
-from ansible.module_utils.smt_droplet.config import ConfigError, PostSettings
-from ansible.module_utils.smt_droplet.ingest import (
+from ansible.module_utils.smt_droplet.ansible_support import pass_lock, run_module
+from ansible.module_utils.smt_droplet.config import (
+    ConfigError,
+    PgpSettings,
+    PostSettings,
     check_state_dir,
-    module_env,
-    module_log_capture,
-    post_pending,
 )
-from ansible.module_utils.smt_droplet.ledger import LedgerError
-from ansible.module_utils.smt_droplet.lock import LockBusy, PassLock, lock_path_for
-from ansible.module_utils.smt_droplet.pgp_delivery import PgpSettings
+from ansible.module_utils.smt_droplet.ingest import post_pending
+from ansible.module_utils.smt_droplet.outcomes import RETRY_OUTCOMES, Outcome, PassResult
 
 OPTION_ENV = {
     "base_url": "INTELLIWATT_BASE_URL",
@@ -244,44 +241,54 @@ def main() -> None:
             exception=REQUESTS_ERROR,
         )
 
-    lines, handler = module_log_capture()
-    try:
-        env = module_env(module.params, OPTION_ENV)
+    def post(env: dict[str, str]) -> PassResult:
         settings = PostSettings.from_env(env)
         pgp = PgpSettings.from_env(env)
         if settings.admin_token:
             module.no_log_values.add(settings.admin_token)  # also when it came from env_file
-        paths = [Path(p) for p in module.params["paths"] or []]
-        for path in paths:
-            if not path.is_file():
-                raise ConfigError(f"paths: {path} is not a file")
-        if module.check_mode:  # read-only: no lock file, no ledger or cache write, no HTTP
-            result = post_pending(
-                settings, paths=paths or None, force=module.params["force"], check=True, pgp=pgp
-            )
-        else:
+        paths = _existing_paths(module.params["paths"])
+        if not module.check_mode:  # read-only in check mode: no lock, ledger, cache or HTTP
             check_state_dir(settings.state_file)
-            with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
-                result = post_pending(
-                    settings, paths=paths or None, force=module.params["force"], pgp=pgp
-                )
-    except (ConfigError, ValueError) as exc:
-        module.fail_json(msg=f"configuration error: {exc}", log=lines)
-    except (LockBusy, LedgerError) as exc:
-        module.fail_json(msg=str(exc), log=lines)
-    finally:
-        logging.getLogger("smt_droplet").removeHandler(handler)
+        with pass_lock(settings.state_file, settings.lock_wait, module.check_mode):
+            return post_pending(
+                settings,
+                paths=paths or None,
+                force=module.params["force"],
+                check=module.check_mode,
+                pgp=pgp,
+            )
 
-    results = [asdict(f) for f in result.files]
-    changed = any(f.outcome in ("posted", "duplicate", "would-post") for f in result.files)
-    out = {"changed": changed, "results": results, "summary": result.counts(), "log": lines}
+    result, lines = run_module(module, OPTION_ENV, post)
+    _report(module, result, lines)
+
+
+def _existing_paths(given: list[str] | None) -> list[Path]:
+    paths = [Path(p) for p in given or []]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"paths: {path} is not a file")
+    return paths
+
+
+def _report(module: AnsibleModule, result: PassResult, lines: list[str]) -> None:
+    """exit_json with per-file results, or fail_json naming what is left to retry."""
+    changed_by = (Outcome.POSTED, Outcome.DUPLICATE, Outcome.WOULD_POST)
+    out = {
+        "changed": any(f.outcome in changed_by for f in result.files),
+        "results": [f.to_dict() for f in result.files],
+        "summary": result.counts(),
+        "log": lines,
+    }
     if result.fatal:
         module.fail_json(
             msg=f"web app refused the token or is misconfigured: {result.fatal}", **out
         )
     if result.exit_code != 0:
-        left = [f"{f.path}: {f.outcome} {f.reason}".strip() for f in result.files
-                if f.outcome in ("failed-will-retry", "no-esiid", "not-attempted")]  # fmt: skip
+        left = [
+            f"{f.path}: {f.outcome} {f.reason}".strip()
+            for f in result.files
+            if f.outcome in RETRY_OUTCOMES and f.outcome != Outcome.UNRECORDED
+        ]
         module.fail_json(msg="files left to retry: " + "; ".join(left), **out)
     module.exit_json(**out)
 

@@ -142,8 +142,8 @@ log:
   elements: str
 """
 
-import logging
 import traceback
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
@@ -154,9 +154,8 @@ try:
 except ImportError:
     PARAMIKO_ERROR = traceback.format_exc()
 
-from ansible.module_utils.smt_droplet.config import ConfigError, SftpSettings
-from ansible.module_utils.smt_droplet.ingest import module_env, module_log_capture
-from ansible.module_utils.smt_droplet.lock import LockBusy, PassLock, lock_path_for
+from ansible.module_utils.smt_droplet.ansible_support import pass_lock, run_module
+from ansible.module_utils.smt_droplet.config import InboxSettings, SftpSettings
 
 OPTION_ENV = {
     "host": "SMT_HOST",
@@ -200,29 +199,18 @@ def main() -> None:
             msg=missing_required_lib("paramiko") + " On Debian/Ubuntu: install python3-paramiko.",
             exception=PARAMIKO_ERROR,
         )
-    from ansible.module_utils.smt_droplet.ingest import run_sync
     from ansible.module_utils.smt_droplet.sftp_mirror import HostKeyError
+    from ansible.module_utils.smt_droplet.sync import run_sync
 
-    lines, handler = module_log_capture()
-    try:
-        env = module_env(module.params, OPTION_ENV)
+    def sync(env: dict[str, str]) -> Any:
         settings = SftpSettings.from_env(env)
-        state_file = env.get("STATE_FILE") or str(settings.local_dir / ".posted_sha256")
-        if module.check_mode:
-            mirrored = run_sync(settings, dry_run=True)
-        else:
-            lock = PassLock(lock_path_for(state_file), wait=float(env.get("SMT_LOCK_WAIT", 300)))
-            with lock:
-                mirrored = run_sync(settings)
-    except (ConfigError, ValueError) as exc:
-        module.fail_json(msg=f"configuration error: {exc}", log=lines)
-    except HostKeyError as exc:
-        module.fail_json(msg=f"SFTP host key refused: {exc}", log=lines)
-    except LockBusy as exc:
-        module.fail_json(msg=str(exc), log=lines)
-    finally:
-        logging.getLogger("smt_droplet").removeHandler(handler)
+        inbox = InboxSettings.from_env(env)
+        with pass_lock(inbox.state_file, inbox.lock_wait, module.check_mode):
+            return run_sync(settings, dry_run=module.check_mode)
 
+    mirrored, lines = run_module(
+        module, OPTION_ENV, sync, refused=(HostKeyError, "SFTP host key refused")
+    )
     files = [
         {"path": f.rel, "size": f.size, "status": f.status, "reason": f.reason}
         for f in mirrored.files

@@ -7,12 +7,13 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smt_droplet.attribution import (
-    attribute,
-    esiid_from_content,
+from smt_droplet.attribution import attribute, esiid_from_content
+from smt_droplet.esiid import (
+    FieldError,
     esiid_from_name,
     meter_from_name,
     normalize_esiid,
+    parse_esiid,
 )
 
 ESIID = "10443720004529147"
@@ -108,3 +109,19 @@ def test_name_rule_property(prefix: str, tail: str, digits: str) -> None:
     assert esiid_from_name(f"{prefix}{esiid}{tail}.csv") == esiid
     assert esiid_from_name(f"{prefix}{esiid}7{tail}.csv") is None
     assert esiid_from_name(f"{prefix}3{esiid}{tail}.csv") is None
+
+
+def test_one_esiid_rule_for_names_cells_and_request_fields() -> None:
+    fullwidth = "".join(chr(0xFF10 + int(d)) for d in ESIID)  # full-width digits
+    assert normalize_esiid(fullwidth) is None  # a bare \\d would take them
+    assert esiid_from_name(f"IntervalMeterUsage_{fullwidth}_20251101.csv") is None
+    for quoted in (f"'{ESIID}'", f'"{ESIID}"', f" {ESIID} ", int(ESIID)):
+        assert parse_esiid(quoted) == ESIID
+    assert parse_esiid("  ") is None
+    for bad in (fullwidth, True, 1.5, "1044372000452914", ["x"]):
+        try:
+            parse_esiid(bad)
+        except FieldError as exc:
+            assert exc.code == "bad_esiid"
+        else:
+            raise AssertionError(f"{bad!r} accepted")

@@ -20,7 +20,7 @@ import pytest
 from pgp_keys import Keyring, encrypt_to, make_zip, new_keyring, run_gpg, stop_agents
 
 from smt_droplet import pgp_delivery as pgp
-from smt_droplet.config import ConfigError
+from smt_droplet.config import ConfigError, PgpSettings
 from testbed.smt_csv import generate_interval_csv
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg not installed")
@@ -182,7 +182,7 @@ def test_settings_from_env_and_passphrase_protected_key(
         "SMT_PGP_MAX_ENTRIES": "10",
         "SMT_GPG_TIMEOUT": "30",
     }
-    settings = pgp.PgpSettings.from_env(env)
+    settings = PgpSettings.from_env(env)
     assert settings.gnupg_home == homes.locked.home
     assert (settings.max_total_bytes, settings.max_entries, settings.timeout) == (8 * MiB, 10, 30)
     assert LOCKED_PASSPHRASE not in repr(settings)
@@ -202,7 +202,7 @@ def test_settings_from_env_and_passphrase_protected_key(
         assert exc_info.value.retryable
         assert exc_info.value.code == "decrypt_failed"
 
-    with settings.extract(asc, workdir) as got:
+    with pgp.extract(settings, asc, workdir) as got:
         assert got.path.read_bytes() == interval
 
     # The passphrase never appears on a command line: run gpg through a wrapper that records
@@ -220,8 +220,8 @@ def test_settings_from_env_and_passphrase_protected_key(
     assert LOCKED_PASSPHRASE not in recorded
 
     with pytest.raises(ConfigError):
-        pgp.PgpSettings.from_env({"SMT_PGP_MAX_ENTRIES": "0"})
-    default = pgp.PgpSettings.from_env({})
+        PgpSettings.from_env({"SMT_PGP_MAX_ENTRIES": "0"})
+    default = PgpSettings.from_env({})
     assert default.gnupg_home == Path("~/.gnupg").expanduser()
     assert default.read_passphrase() is None
 

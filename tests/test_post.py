@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from smt_droplet import inline_post
 from smt_droplet.config import PostSettings
 from smt_droplet.inline_post import encode_file, post_file
+from smt_droplet.outcomes import Outcome
 from testbed.intelliwatt_double import IntelliWattDouble
 
 ESIID = "10443720000000099"
@@ -74,9 +74,9 @@ def test_body_follows_the_contract(csv_file: Path) -> None:
 
 def test_posted_then_duplicate(settings: PostSettings, session, csv_file, webapp) -> None:
     first = post_file(session, settings, csv_file, esiid=ESIID, meter="M2")
-    assert first.outcome == inline_post.POSTED and first.app_id == "1" and first.attempts == 1
+    assert first.outcome == Outcome.POSTED and first.app_id == "1" and first.attempts == 1
     second = post_file(session, settings, csv_file, esiid=ESIID, meter="M2")
-    assert second.outcome == inline_post.DUPLICATE and second.app_id == "1"
+    assert second.outcome == Outcome.DUPLICATE and second.app_id == "1"
     got = webapp.received()[0]
     assert (got["esiid"], got["meter"], got["encoding"]) == (ESIID, "M2", "base64+gzip")
     assert got["content"] == csv_file.read_bytes()
@@ -94,7 +94,7 @@ def test_too_large_is_never_sent(settings: PostSettings, session, inbox, webapp)
     big.write_bytes(os.urandom(1_000_000))  # incompressible
     small_cap = replace(settings, max_body_bytes=1_000_000)
     out = post_file(session, small_cap, big, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.TOO_LARGE
+    assert out.outcome == Outcome.TOO_LARGE
     assert f"cap={1_000_000}" in out.reason and f"body={out.body_bytes}" in out.reason
     assert webapp.requests() == []
 
@@ -102,28 +102,28 @@ def test_too_large_is_never_sent(settings: PostSettings, session, inbox, webapp)
 def test_500_twice_then_200(settings: PostSettings, session, csv_file, webapp) -> None:
     webapp.fail_next(2, 500)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.POSTED and out.attempts == 3
+    assert out.outcome == Outcome.POSTED and out.attempts == 3
     assert len(webapp.requests()) == 3 and len(webapp.received()) == 1
 
 
 def test_persistent_5xx_gives_up_after_retries(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(10, 500)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.FAILED and out.attempts == settings.retries + 1
+    assert out.outcome == Outcome.FAILED and out.attempts == settings.retries + 1
     assert "HTTP 500" in out.reason and "STORAGE_FAILED" in out.reason
 
 
 def test_platform_413_is_retried(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(1, 413)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.POSTED and out.attempts == 2
+    assert out.outcome == Outcome.POSTED and out.attempts == 2
 
 
 def test_429_honours_retry_after_capped(settings, session, csv_file, webapp) -> None:
     webapp.fail_next(1, 429, headers={"Retry-After": "0.3"})
     began = time.monotonic()
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.POSTED and time.monotonic() - began >= 0.3
+    assert out.outcome == Outcome.POSTED and time.monotonic() - began >= 0.3
     webapp.fail_next(1, 429, headers={"Retry-After": "3600"})
     sleeps: list[float] = []
     post_file(session, settings, csv_file, esiid=ESIID, meter="M1", sleep=sleeps.append)
@@ -136,23 +136,23 @@ def test_auth_and_misconfiguration_are_fatal_without_retry(
 ) -> None:
     webapp.fail_next(5, status)
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.FATAL and out.attempts == 1
+    assert out.outcome == Outcome.FATAL and out.attempts == 1
     assert len(webapp.requests()) == 1
 
 
 def test_wrong_token_is_fatal(settings, session, csv_file, webapp) -> None:
     bad = replace(settings, admin_token="wrong-token-value")
     out = post_file(session, bad, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.FATAL and out.status == 401
+    assert out.outcome == Outcome.FATAL and out.status == 401
     assert webapp.received() == []
 
 
 def test_other_4xx_is_rejected_with_the_app_code(settings, session, csv_file, webapp) -> None:
     out = post_file(session, settings, csv_file, esiid="12345", meter="M1")
-    assert out.outcome == inline_post.REJECTED and out.reason == "MISSING_ESIID"
+    assert out.outcome == Outcome.REJECTED and out.reason == "MISSING_ESIID"
     webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_DISABLED"})
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.REJECTED and out.reason == "INLINE_DISABLED"
+    assert out.outcome == Outcome.REJECTED and out.reason == "INLINE_DISABLED"
     assert out.attempts == 1
 
 
@@ -162,13 +162,13 @@ def test_stall_times_out_and_is_retried(settings, session, csv_file, webapp) -> 
     out = post_file(session, quick, csv_file, esiid=ESIID, meter="M1")
     # The stalled request is still stored by the app after its sleep; our retry is then
     # either new or a duplicate — both are "done".
-    assert out.outcome in (inline_post.POSTED, inline_post.DUPLICATE) and out.attempts >= 2
+    assert out.outcome in (Outcome.POSTED, Outcome.DUPLICATE) and out.attempts >= 2
 
 
 def test_connection_refused_is_retryable(settings, session, csv_file) -> None:
     dead = replace(settings, base_url="http://127.0.0.1:9", retries=1)
     out = post_file(session, dead, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == inline_post.FAILED and "connection error" in out.reason
+    assert out.outcome == Outcome.FAILED and "connection error" in out.reason
 
 
 def test_token_never_logged(settings, session, csv_file, webapp, caplog) -> None:

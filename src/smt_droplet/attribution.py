@@ -4,8 +4,7 @@ ESIID, first match wins:
 
 1. the file name: 17 digits, ``10`` followed by 15 digits, not part of a longer digit run
    (the old droplet looked for 18 digits and never matched a real ESIID);
-2. the CSV's ``ESIID`` column (SMT writes ``'10443720000000099`` — one leading/trailing
-   apostrophe or quote is stripped; the value must then be 17 digits);
+2. the CSV's ``ESIID`` column (SMT writes ``'10443720000000099``);
 3. the per-file default (a spool request naming this file), then the run default (a spool
    request's ``esiid``), then ``ESIID_DEFAULT``.
 
@@ -15,6 +14,8 @@ order, else ``METER_DEFAULT`` (``M1``).
 No ESIID → :attr:`Attribution.esiid` is ``None``; the caller does not post the file, logs
 ``no-esiid FILE`` and tries again on the next pass.
 
+What counts as an ESIID or a meter is :mod:`smt_droplet.esiid`'s rule.
+
 Only the first 64 KiB of a file are read, and only for names that look like CSV (never for
 PGP-armored ``.asc``/zip payloads).
 """
@@ -23,13 +24,11 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_ESIID_IN_NAME = re.compile(r"(?<!\d)(10\d{15})(?!\d)")
-_ESIID_VALUE = re.compile(r"\d{17}\Z")
-_METER_IN_NAME = re.compile(r"(?<![A-Za-z0-9])([Mm]\d{1,4})(?![A-Za-z0-9])")
+from .esiid import esiid_from_name, meter_from_name, normalize_esiid
+
 HEAD_BYTES = 64 * 1024
 
 
@@ -41,29 +40,6 @@ class Attribution:
     meter: str
     esiid_source: str  # "name" | "content" | "default" | "none"
     meter_source: str  # "name" | "default"
-
-
-def normalize_esiid(value: str | None) -> str | None:
-    """Strip one leading/trailing apostrophe or quote and whitespace; 17 digits or ``None``."""
-    if value is None:
-        return None
-    v = value.strip()
-    if v[:1] in "'\"":
-        v = v[1:]
-    if v[-1:] in "'\"":
-        v = v[:-1]
-    v = v.strip()
-    return v if _ESIID_VALUE.match(v) else None
-
-
-def esiid_from_name(name: str) -> str | None:
-    match = _ESIID_IN_NAME.search(name)
-    return match.group(1) if match else None
-
-
-def meter_from_name(name: str) -> str | None:
-    match = _METER_IN_NAME.search(name)
-    return match.group(1).upper() if match else None
 
 
 def esiid_from_content(head: bytes) -> str | None:

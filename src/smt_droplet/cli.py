@@ -1,10 +1,6 @@
 """``smt-droplet`` — the command line the systemd units, the operator and the tests use.
 
-Exit codes (systemd shows anything but 0 as a failed run):
-
-* 0 — everything done or deliberately skipped;
-* 1 — something is left to retry (a POST or the SFTP sync failed; the timer will try again);
-* 2 — configuration error (missing/malformed setting, unreadable key, 401/503 from the web app).
+Exit codes: :class:`smt_droplet.outcomes.ExitCode` (0 done, 1 left to retry, 2 configuration).
 """
 
 from __future__ import annotations
@@ -18,10 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import __version__
 from .config import ConfigError
 from .envfile import EnvFileError, load_environment
-
-EXIT_OK = 0
-EXIT_RETRY = 1
-EXIT_CONFIG = 2
+from .outcomes import ExitCode
 
 log = logging.getLogger("smt_droplet")
 
@@ -44,34 +37,23 @@ def setup_logging(verbose: bool = False) -> None:
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
 
-def _cmd_ingest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .ingest import run_ingest_command
+def _command(name: str) -> Handler:
+    """The handler in ``commands.py`` (imported on use: ``--help`` stays fast)."""
 
-    return run_ingest_command(env, args)
+    def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+        from . import commands
 
+        handler: Callable[[Mapping[str, str], argparse.Namespace], int] = getattr(
+            commands, f"run_{name}_command"
+        )
+        return handler(env, args)
 
-def _cmd_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .ingest import run_sync_command
-
-    return run_sync_command(env, args)
-
-
-def _cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .ingest import run_status_command
-
-    return run_status_command(env, args)
+    return run
 
 
-def _cmd_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .ingest import run_forget_command
-
-    return run_forget_command(env, args)
-
-
-def _cmd_post(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .ingest import run_post_command
-
-    return run_post_command(env, args)
+_cmd_ingest, _cmd_sync, _cmd_status, _cmd_forget, _cmd_post = (
+    _command(n) for n in ("ingest", "sync", "status", "forget", "post")
+)
 
 
 def _cmd_webhook(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -138,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, env))
     except (ConfigError, EnvFileError) as exc:
         log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

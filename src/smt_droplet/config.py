@@ -21,6 +21,11 @@ DEFAULT_SPOOL_DIR = "/var/spool/smt-ingest"
 LEDGER_BASENAME = ".posted_sha256"
 ENCODINGS = ("base64+gzip", "base64")
 HOST_KEY_POLICIES = ("reject", "accept-new")
+DEFAULT_LOCK_WAIT = 300.0
+DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024  # a PGP delivery's zip and its entries, in all
+DEFAULT_PGP_MAX_ENTRIES = 64
+DEFAULT_GPG_TIMEOUT = 120.0
+MAX_PASSPHRASE_BYTES = 4096
 
 
 class ConfigError(ValueError):
@@ -89,6 +94,93 @@ def _readable_file(name: str, path: str) -> str:
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{name}={path}: not readable by uid {os.getuid()}")
     return path
+
+
+def spool_dir(env: Mapping[str, str]) -> Path:
+    """The queue the webhook and the upload server write and the ingest pass consumes."""
+    return Path(_get(env, "SMT_SPOOL_DIR", DEFAULT_SPOOL_DIR) or DEFAULT_SPOOL_DIR)
+
+
+def state_file(env: Mapping[str, str]) -> Path:
+    """The ledger: ``STATE_FILE``, by default ``<SMT_LOCAL_DIR>/.posted_sha256``."""
+    return Path(_get(env, "STATE_FILE") or Path(_require(env, "SMT_LOCAL_DIR")) / LEDGER_BASENAME)
+
+
+def lock_wait(env: Mapping[str, str]) -> float:
+    """``SMT_LOCK_WAIT``: seconds a pass waits for another one to finish (default 300)."""
+    return _float(env, "SMT_LOCK_WAIT", DEFAULT_LOCK_WAIT)
+
+
+def check_state_dir(path: Path) -> None:
+    """Fail before any network traffic if the ledger cannot be written (exit 2): a POST the
+    app accepted but we cannot record would be re-posted on every pass."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise ConfigError(f"STATE_FILE={path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        Path(path).exists() and not os.access(path, os.W_OK)
+    ):
+        raise ConfigError(f"STATE_FILE={path}: not writable by uid {os.getuid()}")
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    """The inbox, its ledger and the pass lock (``status``, ``forget``, ``sync``)."""
+
+    local_dir: Path
+    state_file: Path
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    lock_wait: float = DEFAULT_LOCK_WAIT
+    spool_dir: Path = Path(DEFAULT_SPOOL_DIR)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> InboxSettings:
+        return cls(
+            local_dir=Path(_require(env, "SMT_LOCAL_DIR")),
+            state_file=state_file(env),
+            include=split_globs(_get(env, "SMT_INCLUDE")),
+            lock_wait=lock_wait(env),
+            spool_dir=spool_dir(env),
+        )
+
+
+@dataclass(frozen=True)
+class PgpSettings:
+    """Where the droplet's key lives and the caps that bound one delivery."""
+
+    gnupg_home: Path | None = None
+    passphrase_file: Path | None = None
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_entries: int = DEFAULT_PGP_MAX_ENTRIES
+    timeout: float = DEFAULT_GPG_TIMEOUT
+    gpg_binary: str = "gpg"
+    tmp_dir: Path | None = None  # parent of the private plaintext directories; None: $TMPDIR
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PgpSettings:
+        home = _get(env, "SMT_GNUPG_HOME") or _get(env, "GNUPGHOME")
+        passphrase_file = _get(env, "SMT_GNUPG_PASSPHRASE_FILE")
+        tmp_dir = _get(env, "SMT_PGP_TMPDIR")
+        return cls(
+            gnupg_home=Path(home).expanduser() if home else Path("~/.gnupg").expanduser(),
+            passphrase_file=Path(passphrase_file) if passphrase_file else None,
+            max_total_bytes=_int(env, "SMT_PGP_MAX_BYTES", DEFAULT_MAX_TOTAL_BYTES, minimum=1024),
+            max_entries=_int(env, "SMT_PGP_MAX_ENTRIES", DEFAULT_PGP_MAX_ENTRIES, minimum=1),
+            timeout=_float(env, "SMT_GPG_TIMEOUT", DEFAULT_GPG_TIMEOUT, minimum=1.0),
+            tmp_dir=Path(tmp_dir) if tmp_dir else None,
+        )
+
+    def read_passphrase(self) -> str | None:
+        """The key's passphrase from ``passphrase_file`` (first line), or None."""
+        if self.passphrase_file is None:
+            return None
+        try:
+            raw = self.passphrase_file.read_bytes()[:MAX_PASSPHRASE_BYTES]
+        except OSError as exc:
+            raise ConfigError(
+                f"SMT_GNUPG_PASSPHRASE_FILE={self.passphrase_file}: {exc.strerror or exc}"
+            ) from None
+        return raw.decode("utf-8", "strict").splitlines()[0] if raw.strip() else None
 
 
 @dataclass(frozen=True)
@@ -164,7 +256,7 @@ class PostSettings:
     retry_base_delay: float = 1.0
     retry_max_delay: float = 30.0
     retry_after_max: float = 60.0
-    lock_wait: float = 300.0
+    lock_wait: float = DEFAULT_LOCK_WAIT
 
     @property
     def endpoint(self) -> str:
@@ -175,13 +267,11 @@ class PostSettings:
         base_url = _require(env, "INTELLIWATT_BASE_URL")
         if not base_url.startswith(("https://", "http://")):
             raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
-        local_dir = Path(_require(env, "SMT_LOCAL_DIR"))
-        state_file = Path(_get(env, "STATE_FILE") or local_dir / LEDGER_BASENAME)
         return cls(
             base_url=base_url,
             admin_token=_require(env, "ADMIN_TOKEN"),
-            local_dir=local_dir,
-            state_file=state_file,
+            local_dir=Path(_require(env, "SMT_LOCAL_DIR")),
+            state_file=state_file(env),
             source=_get(env, "SOURCE_TAG", "adhocusage") or "adhocusage",
             esiid_default=_get(env, "ESIID_DEFAULT"),
             meter_default=_get(env, "METER_DEFAULT", "M1") or "M1",
@@ -193,13 +283,8 @@ class PostSettings:
             retry_base_delay=_float(env, "SMT_RETRY_BASE_DELAY", 1.0),
             retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
             retry_after_max=_float(env, "SMT_RETRY_AFTER_MAX", 60.0),
-            lock_wait=_float(env, "SMT_LOCK_WAIT", 300.0),
+            lock_wait=lock_wait(env),
         )
-
-
-def spool_dir(env: Mapping[str, str]) -> Path:
-    """The queue the webhook and the upload server write and the ingest pass consumes."""
-    return Path(_get(env, "SMT_SPOOL_DIR", DEFAULT_SPOOL_DIR) or DEFAULT_SPOOL_DIR)
 
 
 WEBHOOK_SECRET_NAMES = ("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET")
@@ -298,7 +383,7 @@ class UploadSettings:
             inbox=inbox,
             spool_dir=spool_dir(env),
             state_db=Path(_get(env, "SMT_UPLOAD_STATE", DEFAULT_UPLOAD_STATE) or ""),
-            state_file=Path(_get(env, "STATE_FILE") or inbox / LEDGER_BASENAME),
+            state_file=state_file(env),
             token=_get(env, "SMT_UPLOAD_TOKEN"),
             bind=_bind(env, "SMT_UPLOAD_BIND"),
             port=_port(env, "SMT_UPLOAD_PORT", 8080),

@@ -21,10 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from .outcomes import ExitCode
+
 log = logging.getLogger("smt_droplet.http")
 
-EXIT_OK = 0
-EXIT_RETRY = 1
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -175,7 +175,7 @@ async def _serve(
     except OSError as exc:
         log.error("%s: cannot listen on %s:%d: %s", name, bind, port, exc.strerror or exc)
         await runner.cleanup()
-        return EXIT_RETRY
+        return ExitCode.RETRY
     addresses = runner.addresses
     actual_port = addresses[0][1] if addresses else port
     log.info("%s listening on http://%s:%d %s", name, bind, actual_port, describe)
@@ -215,7 +215,7 @@ async def _serve(
         if on_stop is not None:
             on_stop()
     log.info("%s stopped", name)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def run_app(
@@ -232,4 +232,4 @@ def run_app(
     """Serve ``app`` until SIGTERM/SIGINT; returns the process exit code (0 after a clean stop)."""
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(app, tracker, name, bind, port, grace, describe, on_stop))
-    return EXIT_OK
+    return ExitCode.OK

@@ -8,13 +8,13 @@ bytes (``SMT_ENCODING=base64+gzip``, the default) or of the bytes themselves (``
 body is built in memory (no subprocess, no argument limits) and measured against
 ``SMT_MAX_BODY_BYTES`` *before* anything is sent: over the cap → ``too-large``, never sent.
 
-Outcomes (:class:`PostOutcome`):
+Outcomes (:class:`PostOutcome`, values of :class:`~smt_droplet.outcomes.Outcome`):
 
 * ``posted`` / ``duplicate`` — 200 with ``ok: true``; the caller records the digest.
 * ``rejected`` — another 4xx (the app's ``error`` code in ``reason``); retrying the same bytes
   cannot help, so the caller remembers it until the file changes or an operator forces it.
 * ``too-large`` — the encoded body exceeds the cap; never sent.
-* ``failed`` — 5xx, timeout, connection error, the platform's 413, 429: retried here
+* ``failed-will-retry`` — 5xx, timeout, connection error, the platform's 413, 429: retried here
   ``retries`` times with exponential backoff (``retry_base_delay`` * 2**n, capped at
   ``retry_max_delay``; a 429's ``Retry-After`` is honoured up to ``retry_after_max``), then left
   for the next pass.
@@ -40,13 +40,7 @@ from typing import Any
 import requests
 
 from .config import PostSettings
-
-POSTED = "posted"
-DUPLICATE = "duplicate"
-REJECTED = "rejected"
-TOO_LARGE = "too-large"
-FAILED = "failed"
-FATAL = "fatal"
+from .outcomes import Outcome
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class EncodedFile:
 class PostOutcome:
     """What happened to one POST (after retries)."""
 
-    outcome: str
+    outcome: Outcome
     sha256: str
     raw_bytes: int
     body_bytes: int
@@ -138,6 +132,17 @@ def _json(response: requests.Response) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One attempt's classification: ``outcome`` None means "retry" (after ``wait`` if set)."""
+
+    outcome: Outcome | None
+    status: int | None
+    reason: str = ""
+    app_id: str | None = None
+    wait: float | None = None
+
+
 def post_file(
     session: requests.Session,
     settings: PostSettings,
@@ -150,77 +155,81 @@ def post_file(
     sleep: Callable[[float], None] = time.sleep,
 ) -> PostOutcome:
     """Post one file (with the retries described above) and classify the answer."""
-    if data is None:
-        data = path.read_bytes()
-    if mtime is None:
-        mtime = path.stat().st_mtime
     encoded = encode_file(
-        data,
+        path.read_bytes() if data is None else data,
         filename=path.name,
-        mtime=mtime,
+        mtime=path.stat().st_mtime if mtime is None else mtime,
         esiid=esiid,
         meter=meter,
         source=settings.source,
         encoding=settings.encoding,
     )
     body_bytes = len(encoded.body)
-
-    def result(outcome: str, **kw: Any) -> PostOutcome:
-        return PostOutcome(outcome, encoded.sha256, encoded.raw_bytes, body_bytes, **kw)
-
     if body_bytes > settings.max_body_bytes:
-        return result(TOO_LARGE, reason=f"body={body_bytes} cap={settings.max_body_bytes}")
-
-    headers = {"content-type": "application/json", "x-admin-token": settings.admin_token}
+        reason = f"body={body_bytes} cap={settings.max_body_bytes}"
+        return PostOutcome(
+            Outcome.TOO_LARGE, encoded.sha256, encoded.raw_bytes, body_bytes, reason=reason
+        )
     attempts = 0
-    reason = ""
-    status: int | None = None
     while True:
         attempts += 1
-        wait: float | None = None
-        try:
-            response = session.post(
-                settings.endpoint,
-                data=encoded.body,
-                headers=headers,
-                timeout=(min(10.0, settings.http_timeout), settings.http_timeout),
-                allow_redirects=False,
+        answer = _attempt(session, settings, encoded.body)
+        if answer.outcome is None and attempts > settings.retries:
+            answer = _Answer(Outcome.FAILED, answer.status, answer.reason)
+        if answer.outcome is not None:
+            return PostOutcome(
+                answer.outcome,
+                encoded.sha256,
+                encoded.raw_bytes,
+                body_bytes,
+                answer.status,
+                app_id=answer.app_id,
+                reason=answer.reason,
+                attempts=attempts,
             )
-        except requests.Timeout:
-            status, reason = None, f"timeout after {settings.http_timeout:g}s"
-        except requests.RequestException as exc:
-            status, reason = None, f"connection error: {type(exc).__name__}"
+        if answer.wait is None:
+            sleep(min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (attempts - 1)))
         else:
-            status = response.status_code
-            answer = _json(response)
-            if status == 200 and answer.get("ok") is True:
-                app_id = answer.get("id")
-                return result(
-                    DUPLICATE if answer.get("duplicate") else POSTED,
-                    status=status,
-                    app_id=None if app_id is None else str(app_id),
-                    attempts=attempts,
-                )
-            if status in (401, 503):
-                detail = answer.get("error") or response.reason or ""
-                return result(
-                    FATAL, status=status, reason=f"HTTP {status} {detail}", attempts=attempts
-                )
-            if status == 429:
-                wait = _retry_after(response.headers.get("retry-after"), settings.retry_after_max)
-                reason = "HTTP 429 rate limited"
-            elif status == 413:
-                reason = f"HTTP 413 from the platform (body {body_bytes} bytes)"
-            elif status >= 500 or status == 200 or status == 408:
-                code = answer.get("error") or answer.get("message") or ""
-                reason = f"HTTP {status} {code}".strip()
-            elif 400 <= status < 500:
-                code = str(answer.get("error") or f"HTTP_{status}")
-                return result(REJECTED, status=status, reason=code, attempts=attempts)
-            else:
-                reason = f"unexpected HTTP {status}"
-        if attempts > settings.retries:
-            return result(FAILED, status=status, reason=reason, attempts=attempts)
-        if wait is None:
-            wait = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (attempts - 1))
-        sleep(wait)
+            sleep(answer.wait)
+
+
+def _attempt(session: requests.Session, settings: PostSettings, body: bytes) -> _Answer:
+    """One POST; the token goes only into the header."""
+    headers = {"content-type": "application/json", "x-admin-token": settings.admin_token}
+    try:
+        response = session.post(
+            settings.endpoint,
+            data=body,
+            headers=headers,
+            timeout=(min(10.0, settings.http_timeout), settings.http_timeout),
+            allow_redirects=False,
+        )
+    except requests.Timeout:
+        return _Answer(None, None, f"timeout after {settings.http_timeout:g}s")
+    except requests.RequestException as exc:
+        return _Answer(None, None, f"connection error: {type(exc).__name__}")
+    return _classify(response, settings, len(body))
+
+
+def _classify(response: requests.Response, settings: PostSettings, body_bytes: int) -> _Answer:
+    """The contract's answers: 200 ok, 401/503 fatal, 429/413/408/5xx retried, other 4xx final."""
+    status = response.status_code
+    answer = _json(response)
+    if status == 200 and answer.get("ok") is True:
+        app_id = answer.get("id")
+        outcome = Outcome.DUPLICATE if answer.get("duplicate") else Outcome.POSTED
+        return _Answer(outcome, status, app_id=None if app_id is None else str(app_id))
+    if status in (401, 503):
+        detail = answer.get("error") or response.reason or ""
+        return _Answer(Outcome.FATAL, status, f"HTTP {status} {detail}")
+    if status == 429:
+        wait = _retry_after(response.headers.get("retry-after"), settings.retry_after_max)
+        return _Answer(None, status, "HTTP 429 rate limited", wait=wait)
+    if status == 413:
+        return _Answer(None, status, f"HTTP 413 from the platform (body {body_bytes} bytes)")
+    if status >= 500 or status == 200 or status == 408:
+        code = answer.get("error") or answer.get("message") or ""
+        return _Answer(None, status, f"HTTP {status} {code}".strip())
+    if 400 <= status < 500:
+        return _Answer(Outcome.REJECTED, status, str(answer.get("error") or f"HTTP_{status}"))
+    return _Answer(None, status, f"unexpected HTTP {status}")

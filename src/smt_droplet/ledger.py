@@ -14,7 +14,7 @@ Two files, two jobs:
     atomically (temp file beside it, fsync, rename, same mode and owner).
 
 ``<STATE_FILE>.json`` (the sidecar)
-    Advisory, richer state, written atomically with :func:`smt_droplet.spool.write_json_atomic`:
+    Advisory, richer state, written atomically with :func:`smt_droplet.durable.write_json_atomic`:
     ``hashes`` — the (relative path, size, mtime_ns) → sha256 cache that keeps an idle pass from
     re-reading every file; ``outcomes`` — per sha256 the last non-retryable outcome
     (``rejected`` with the app's error code, ``too-large`` with both sizes) so it is not retried
@@ -27,18 +27,16 @@ Two files, two jobs:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spool import write_json_atomic
+from . import durable
 
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 SIDECAR_SUFFIX = ".json"
@@ -127,26 +125,14 @@ def remove_digests(state_file: Path, digests: set[str]) -> int:
             kept.append(line.encode("ascii"))
     if removed == 0:
         return 0
-    tmp = state_file.parent / f".{state_file.name}.{uuid.uuid4().hex}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, st.st_mode & 0o7777)
-        try:
-            os.write(fd, b"".join(line + b"\n" for line in kept))
-            os.fsync(fd)
-            with contextlib.suppress(OSError):
-                os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, st.st_mode & 0o7777)
-        finally:
-            os.close(fd)
-        os.replace(tmp, state_file)
-        dfd = os.open(state_file.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.write_atomic(
+            state_file,
+            b"".join(line + b"\n" for line in kept),
+            mode=st.st_mode & 0o7777,
+            owner=(st.st_uid, st.st_gid),
+        )
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise LedgerError(f"cannot rewrite ledger {state_file}: {exc.strerror or exc}") from exc
     return removed
 
@@ -210,6 +196,12 @@ class Ledger:
     def remember_digest(self, rel: str, size: int, mtime_ns: int, digest: str) -> None:
         if self.hashes.get(rel) != [size, mtime_ns, digest]:
             self.hashes[rel] = [size, mtime_ns, digest]
+            self._dirty = True
+
+    def invalidate_digest(self, rel: str) -> None:
+        """Forget the cached digest of ``rel`` (its content changed under the same size and
+        mtime): the next pass hashes it again. Saved like any other cache change."""
+        if self.hashes.pop(rel, None) is not None:
             self._dirty = True
 
     def prune_hashes(self, present: set[str]) -> None:
@@ -294,7 +286,7 @@ class Ledger:
             "posted": self.apps,
         }
         try:
-            write_json_atomic(self.sidecar, payload)
+            durable.write_json_atomic(self.sidecar, payload)
         except OSError as exc:
             raise LedgerError(f"cannot write {self.sidecar}: {exc.strerror or exc}") from exc
         self._dirty = False

@@ -5,64 +5,15 @@ SMT delivers many reports as ASCII-armored PGP messages (``*IntervalMeterUsage*.
 zip whose interval CSV is what gets posted. This module does only that unpacking; it posts
 nothing and writes no ledger.
 
-Proposed integration into the ingest pass (for the lead)
-========================================================
+How the pass uses it (``process.py``): the ``.asc``'s digest is what the ledger is checked
+against, so a delivery is decrypted once; on the app's 200 for the extracted CSV, the CSV's digest
+is recorded first (the same interval CSV arriving later in plain text is then a no-op), then the
+``.asc``'s; the file's own faults (:class:`DeliveryError` with ``retryable`` false) mark the
+``.asc`` rejected with ``pgp:<code>: <reason>``, ours (gpg missing, timeout, locked key) are
+retried by the next pass. Content decides, not the name: :func:`looks_armored` on the bytes the
+pass already holds.
 
-Everything goes through ``ingest.process_file``, which already hashes the inbox file, skips a
-digest that is in the ledger and skips a recorded ``rejected`` outcome. For an ``.asc`` that digest
-*is* the delivery's digest, so "the same delivery is not decrypted again" needs no new code. The
-new branch sits after those checks, where ``data`` (the file's bytes) is in hand::
-
-    if pgp_delivery.looks_armored(data):
-        try:
-            with ctx.pgp.extract(item.path, armored=data) as x:   # ctx.pgp: PgpSettings
-                csv = x.path.read_bytes()
-                who = attribute(x.path, defaults, head=csv[:HEAD_BYTES])
-                # (fallback: attribute(item.path, ...) -- the .asc name often carries the ESIID)
-                answer = inline_post.post_file(ctx.session, settings, x.path, esiid=..., meter=...,
-                                               data=csv, mtime=item.mtime)
-                if answer.outcome in (POSTED, DUPLICATE):
-                    ledger.record_posted(x.csv_sha256, f"{item.rel}!{x.member}", answer.app_id, dup)
-                    ledger.record_posted(digest, item.rel, answer.app_id, dup)   # the .asc: last
-                elif answer.outcome == REJECTED / TOO_LARGE:
-                    ledger.record_outcome(digest, ..., answer.reason, item.rel)  # keyed on the .asc
-        except pgp_delivery.DeliveryError as exc:   # log once: "<file>: <code>: <reason>"
-            if exc.retryable:                        # DecryptFailed: gpg missing/timeout/key locked
-                result.outcome, result.reason = FAILED, str(exc)        # exit 1, timer retries
-            else:
-                ledger.record_outcome(digest, REJECTED, f"pgp:{exc.code}: {exc.reason}", item.rel)
-                result.outcome, result.reason = REJECTED, f"pgp:{exc.code}"
-        # here the private directory is gone, whatever happened inside
-
-Ledger (``STATE_FILE`` stays one digest per line, the old format):
-
-* after the app's 200 for the extracted CSV, append **both** digests: the CSV's first (so the
-  same interval CSV arriving later in plain text is a no-op), then the ``.asc``'s (what the next
-  pass looks up). A kill between the two appends costs one more decrypt and a ``duplicate: true``.
-* ``x.source_sha256`` equals the pass's ``digest`` when ``armored=data`` is passed (gpg is fed
-  exactly those bytes), so nothing is hashed twice and nothing can change in between.
-* sidecar: ``outcomes[<asc digest>]`` carries the rejection (``pgp:<code>: <reason>``); for the
-  posted case I suggest an optional ``extra`` dict on ``record_posted`` so ``apps[<asc digest>]``
-  holds ``{"via": "pgp", "member": x.member, "csv_sha256": x.csv_sha256}``.
-* ``smt-droplet forget FILE.asc`` drops the ``.asc`` digest; the next pass decrypts and posts it
-  again (the branch does not skip on the CSV digest, so a forced re-post really re-posts). That is
-  also the remedy after importing the right key for a ``no_secret_key``/``wrong_key`` rejection.
-* check mode (``WOULD_POST``): decrypting is local and read-only, so it can run to report the
-  member and the ESIID; or skip it and report ``would-decrypt``.
-
-``smt-droplet status`` then needs only the ``apps`` extra to show the PGP outcome per file::
-
-    posted     IntervalMeterUsage_1044..._20251101.asc sha256=... id=42 pgp: Interval...csv
-    rejected   DailyMeterUsage_1044..._20251102.asc sha256=... pgp:wrong_key: encrypted to 0x63AF...
-    rejected   x.CSV.3.asc sha256=... pgp:zip_too_large: uncompressed size 209715200 bytes > cap ...
-    failed     y.asc (journal: decrypt_failed, retried by the next pass)
-
-Inbox globs: ``DEFAULT_INCLUDE`` already has ``*IntervalMeterUsage*.asc`` and
-``*DailyMeterUsage*.asc``; ``*.CSV.<n>.asc`` is matched by ``*.csv.*`` (``inbox.matches`` is
-case-insensitive). Content, not the name, decides: :func:`looks_armored` on the bytes the pass
-already holds (or :func:`is_pgp_armored` on a path); never trust the suffix.
-
-Settings (``PgpSettings.from_env``): ``SMT_GNUPG_HOME`` (default ``$GNUPGHOME`` or
+Settings (``config.PgpSettings.from_env``): ``SMT_GNUPG_HOME`` (default ``$GNUPGHOME`` or
 ``~/.gnupg`` of the service user), ``SMT_GNUPG_PASSPHRASE_FILE`` (optional; only for a
 protected key, read at extraction time and handed to gpg through a pipe, never argv),
 ``SMT_PGP_MAX_BYTES`` (cap on the decrypted zip and on the sum of its uncompressed entries,
@@ -103,22 +54,24 @@ import subprocess
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
-from .config import ConfigError, _float, _get, _int
+from .config import (
+    DEFAULT_GPG_TIMEOUT,
+    DEFAULT_MAX_TOTAL_BYTES,
+    DEFAULT_PGP_MAX_ENTRIES,
+    MAX_PASSPHRASE_BYTES,
+    PgpSettings,
+)
 
 log = logging.getLogger("smt_droplet.pgp")
 
 ARMOR_HEADER = b"-----BEGIN PGP MESSAGE-----"
-DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_ENTRIES = 64
-DEFAULT_GPG_TIMEOUT = 120.0
 _CHUNK = 1024 * 1024
 _CENTRAL_HEADER_SIG = b"PK\x01\x02"
-_MAX_PASSPHRASE_BYTES = 4096
 # Armored input is ~4/3 of the binary message; anything far beyond the zip cap is refused unread.
 _ARMOR_OVERHEAD = 2
 
@@ -211,62 +164,28 @@ class ExtractedCsv:
     members: tuple[str, ...] = field(default=())  # every entry name, for logs and status
 
 
-@dataclass(frozen=True)
-class PgpSettings:
-    """Where the droplet's key lives and the caps that bound one delivery."""
-
-    gnupg_home: Path | None = None
-    passphrase_file: Path | None = None
-    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    timeout: float = DEFAULT_GPG_TIMEOUT
-    gpg_binary: str = "gpg"
-    tmp_dir: Path | None = None  # parent of the private plaintext directories; None: $TMPDIR
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> PgpSettings:
-        home = _get(env, "SMT_GNUPG_HOME") or _get(env, "GNUPGHOME")
-        passphrase_file = _get(env, "SMT_GNUPG_PASSPHRASE_FILE")
-        tmp_dir = _get(env, "SMT_PGP_TMPDIR")
-        return cls(
-            gnupg_home=Path(home).expanduser() if home else Path("~/.gnupg").expanduser(),
-            passphrase_file=Path(passphrase_file) if passphrase_file else None,
-            max_total_bytes=_int(env, "SMT_PGP_MAX_BYTES", DEFAULT_MAX_TOTAL_BYTES, minimum=1024),
-            max_entries=_int(env, "SMT_PGP_MAX_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=1),
-            timeout=_float(env, "SMT_GPG_TIMEOUT", DEFAULT_GPG_TIMEOUT, minimum=1.0),
-            tmp_dir=Path(tmp_dir) if tmp_dir else None,
-        )
-
-    def read_passphrase(self) -> str | None:
-        """The key's passphrase from ``passphrase_file`` (first line), or None."""
-        if self.passphrase_file is None:
-            return None
-        try:
-            raw = self.passphrase_file.read_bytes()[:_MAX_PASSPHRASE_BYTES]
-        except OSError as exc:
-            raise ConfigError(
-                f"SMT_GNUPG_PASSPHRASE_FILE={self.passphrase_file}: {exc.strerror or exc}"
-            ) from None
-        return raw.decode("utf-8", "strict").splitlines()[0] if raw.strip() else None
-
-    def extract(
-        self, path: Path, workdir_parent: Path | None = None, *, armored: bytes | None = None
-    ) -> contextlib.AbstractContextManager[ExtractedCsv]:
-        """:func:`extract_interval_csv` with these settings."""
-        return extract_interval_csv(
-            path,
-            self.gnupg_home,
-            workdir_parent or self.tmp_dir,
-            max_total_bytes=self.max_total_bytes,
-            max_entries=self.max_entries,
-            passphrase=self.read_passphrase(),
-            timeout=self.timeout,
-            gpg_binary=self.gpg_binary,
-            armored=armored,
-        )
-
-
 # ------------------------------------------------------------------------------- public API
+
+
+def extract(
+    settings: PgpSettings,
+    path: Path,
+    workdir_parent: Path | None = None,
+    *,
+    armored: bytes | None = None,
+) -> contextlib.AbstractContextManager[ExtractedCsv]:
+    """:func:`extract_interval_csv` with ``settings`` (the passphrase read now, not earlier)."""
+    return extract_interval_csv(
+        path,
+        settings.gnupg_home,
+        workdir_parent or settings.tmp_dir,
+        max_total_bytes=settings.max_total_bytes,
+        max_entries=settings.max_entries,
+        passphrase=settings.read_passphrase(),
+        timeout=settings.timeout,
+        gpg_binary=settings.gpg_binary,
+        armored=armored,
+    )
 
 
 def looks_armored(data: bytes) -> bool:
@@ -291,7 +210,7 @@ def extract_interval_csv(
     workdir_parent: Path | None = None,
     *,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_entries: int = DEFAULT_PGP_MAX_ENTRIES,
     passphrase: str | None = None,
     timeout: float = DEFAULT_GPG_TIMEOUT,
     gpg_binary: str = "gpg",
@@ -388,7 +307,7 @@ def _gpg_decrypt(
     read_fd = write_fd = -1
     if passphrase is not None:
         secret = passphrase.encode()
-        if len(secret) > _MAX_PASSPHRASE_BYTES or b"\n" in secret:
+        if len(secret) > MAX_PASSPHRASE_BYTES or b"\n" in secret:
             raise DecryptFailed(path, "passphrase is too long or spans lines")
         read_fd, write_fd = os.pipe()
         os.write(write_fd, secret + b"\n")  # fits the pipe buffer; gpg reads it at its pace

@@ -42,7 +42,6 @@ import socket
 import stat
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +51,7 @@ from typing import BinaryIO
 
 import paramiko
 
+from . import durable
 from .config import ConfigError, SftpSettings
 from .inbox import matches
 
@@ -66,6 +66,7 @@ PIPE_DEPTH = 32  # READ requests in flight per file (4 MiB)
 SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 SMALL_BATCH = 64  # small files handed to one channel at a time
 SMALL_DEPTH = 16  # small files in flight per channel (OPEN or READ sent, answer pending)
+PARTIAL_SUFFIX = ".partial"  # a download in progress: `.<name>.<random>.partial` beside it
 
 DOWNLOADED = "downloaded"
 UNCHANGED = "unchanged"
@@ -298,7 +299,7 @@ def _remove_stale_partials(local_dir: Path, max_depth: int) -> None:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith(".") and entry.name.endswith(".partial"):
+            if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
             elif depth < max_depth and entry.is_dir(follow_symlinks=False):
@@ -435,83 +436,115 @@ def _connection_gone(sftp: paramiko.SFTPClient) -> bool:
 def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
     """Fetch one file into a temp name, check it did not change meanwhile, rename it."""
     item.local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = item.local.parent / f".{item.local.name}.{uuid.uuid4().hex[:8]}.partial"
-    received = 0
-    after_size, after_mtime = item.size, item.mtime
+    tmp = durable.temp_path(item.local, PARTIAL_SUFFIX)
     try:
-        remote = sftp.open(item.remote, "rb")
-        try:
-            with open(tmp, "wb") as out:
-                small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
-                if small is not None:
-                    out.write(small)
-                    received = len(small)
-                else:
-                    piped = _read_pipelined(sftp, remote, item.size, out.fileno())
-                    if piped is None:
-                        piped = _read_windowed(remote, item.size, out)
-                    received = piped
-                    after = remote.stat()
-                    after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
-                _close_without_waiting(remote)
-                out.flush()
-                os.fsync(out.fileno())
-        except _CONNECTION_ERRORS:
-            # A dead or silent channel: do not wait another timeout for CLOSE's answer.
-            with contextlib.suppress(Exception):
-                sftp.get_channel().close()
-            raise
-        finally:
-            remote.close()
+        received, after_size, after_mtime = _fetch_into(sftp, item, tmp)
         if received != item.size or after_size != item.size or after_mtime != item.mtime:
-            os.unlink(tmp)
-            item.status = SKIPPED_GROWING
-            item.reason = f"changed while reading (listed {item.size} bytes, read {received})"
-            return item
-        os.utime(tmp, (item.mtime, item.mtime))
-        os.replace(tmp, item.local)
-        item.status = DOWNLOADED
+            durable.remove_quietly(tmp)
+            return _changed_while_reading(item, received)
+        _into_place(item, tmp)
     except (OSError, paramiko.SSHException, EOFError) as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        item.status = FAILED
-        item.connection_lost = isinstance(exc, _CONNECTION_ERRORS) or _connection_gone(sftp)
-        item.reason = str(exc).rstrip(": ") or type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            item.reason = "no data within SMT_SFTP_IO_TIMEOUT (connection stalled)"
-        elif isinstance(exc, OSError) and exc.errno is not None:
-            item.reason = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+        durable.remove_quietly(tmp)
+        _failed(item, exc, sftp)
     return item
+
+
+def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tuple[int, int, int]:
+    """Read ``item`` into ``tmp`` (fsynced); returns (bytes read, size and mtime after)."""
+    after_size, after_mtime = item.size, item.mtime
+    remote = sftp.open(item.remote, "rb")
+    try:
+        with open(tmp, "wb") as out:
+            small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
+            if small is not None:
+                out.write(small)
+                received = len(small)
+            else:
+                piped = _read_pipelined(sftp, remote, item.size, out.fileno())
+                received = piped if piped is not None else _read_windowed(remote, item.size, out)
+                after = remote.stat()
+                after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
+            _close_without_waiting(remote)
+            out.flush()
+            os.fsync(out.fileno())
+    except _CONNECTION_ERRORS:
+        # A dead or silent channel: do not wait another timeout for CLOSE's answer.
+        with contextlib.suppress(Exception):
+            sftp.get_channel().close()
+        raise
+    finally:
+        remote.close()
+    return received, after_size, after_mtime
 
 
 def _store(item: MirroredFile, data: bytes) -> MirroredFile:
     """Write a small file read in one request (``size + 1`` asked) and rename it into place."""
     if len(data) != item.size:
-        item.status = SKIPPED_GROWING
-        item.reason = f"changed while reading (listed {item.size} bytes, read {len(data)})"
-        return item
+        return _changed_while_reading(item, len(data))
     item.local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = item.local.parent / f".{item.local.name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.utime(tmp, (item.mtime, item.mtime))
-        os.replace(tmp, item.local)
+        durable.write_atomic(
+            item.local, data, mode=0o644, suffix=PARTIAL_SUFFIX, mtime=item.mtime, sync_dir=False
+        )
         item.status = DOWNLOADED
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        item.status = FAILED
-        item.reason = str(exc)
-        if exc.errno is not None:
-            item.reason = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+        _failed(item, exc)
     return item
+
+
+# -- how a download ends (both paths above) ----------------------------------------------------
+
+
+def _changed_while_reading(item: MirroredFile, received: int) -> MirroredFile:
+    item.status = SKIPPED_GROWING
+    item.reason = f"changed while reading (listed {item.size} bytes, read {received})"
+    return item
+
+
+def _into_place(item: MirroredFile, tmp: Path) -> None:
+    durable.place(tmp, item.local, mtime=item.mtime, sync_dir=False)
+    item.status = DOWNLOADED
+
+
+def _failed(
+    item: MirroredFile, exc: BaseException, sftp: paramiko.SFTPClient | None = None
+) -> None:
+    item.status = FAILED
+    if sftp is not None:
+        item.connection_lost = isinstance(exc, _CONNECTION_ERRORS) or _connection_gone(sftp)
+    item.reason = str(exc).rstrip(": ") or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        item.reason = "no data within SMT_SFTP_IO_TIMEOUT (connection stalled)"
+    elif isinstance(exc, OSError) and exc.errno is not None:
+        item.reason = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
+def _answer(
+    sftp: paramiko.SFTPClient,
+    replies: _Replies,
+    wait: Callable[[int], tuple[int, paramiko.Message]],
+    num: int,
+    handle: bytes | None,
+    wanted: tuple[int, ...],
+) -> paramiko.Message | None:
+    """The answer to request ``num`` (already arrived, or waited for); ``None`` is the EOF of an
+    empty file's READ. A status answer raises what paramiko raises for it (OSError & co.)."""
+    answer = replies.got.pop(num, None)
+    try:
+        t, msg = answer if answer is not None else wait(num)
+    except EOFError:  # READ at offset 0 of an empty file
+        if handle is None:
+            raise paramiko.SSHException("EOF answering OPEN") from None
+        return None
+    if t not in wanted:
+        try:
+            sftp._convert_status(msg)  # OSError (EOFError for an empty file)
+        except EOFError:
+            if handle is None:
+                raise paramiko.SSHException("EOF answering OPEN") from None
+            return None
+        raise paramiko.SFTPError(f"unexpected answer {t}")
+    return msg
 
 
 def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) -> bool:
@@ -547,16 +580,8 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
                 num = request(replies, CMD_OPEN, item.remote, SFTP_FLAG_READ, attrs)
                 inflight.append((num, item, None))
             num, item, handle = inflight.popleft()
-            answer = replies.got.pop(num, None)
             try:
-                t, msg = answer if answer is not None else wait(num)
-                if t not in (CMD_HANDLE, CMD_DATA):
-                    sftp._convert_status(msg)  # OSError (EOFError for an empty file)
-                    raise paramiko.SFTPError(f"unexpected answer {t}")
-            except EOFError:  # READ at offset 0 of an empty file
-                if handle is None:
-                    raise paramiko.SSHException("EOF answering OPEN") from None
-                t, msg = CMD_DATA, None
+                msg = _answer(sftp, replies, wait, num, handle, (CMD_HANDLE, CMD_DATA))
             except (OSError, paramiko.SFTPError) as exc:  # this file only (vanished, denied)
                 if isinstance(exc, _CONNECTION_ERRORS):
                     raise
@@ -573,15 +598,20 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
             request(type(None), CMD_CLOSE, handle)  # the answer is dropped when it arrives
             _store(item, b"" if msg is None else msg.get_string())
     except _CONNECTION_ERRORS as exc:
-        reason = str(exc).rstrip(": ") or type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            reason = "no data within SMT_SFTP_IO_TIMEOUT (connection stalled)"
-        for item in items:
-            if item.status == WOULD_DOWNLOAD:
-                item.status, item.reason, item.connection_lost = FAILED, reason, True
-        with contextlib.suppress(Exception):
-            sftp.get_channel().close()
+        _connection_lost(sftp, items, exc)
     return True
+
+
+def _connection_lost(sftp: paramiko.SFTPClient, items: list[MirroredFile], exc: Exception) -> None:
+    """The channel died mid-batch: every file not yet finished waits for the reconnect."""
+    reason = str(exc).rstrip(": ") or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        reason = "no data within SMT_SFTP_IO_TIMEOUT (connection stalled)"
+    for item in items:
+        if item.status == WOULD_DOWNLOAD:
+            item.status, item.reason, item.connection_lost = FAILED, reason, True
+    with contextlib.suppress(Exception):
+        sftp.get_channel().close()
 
 
 def mirror(
@@ -605,70 +635,97 @@ def mirror(
     attempt = 0
     while True:
         attempt += 1
-        transport: paramiko.Transport | None = None
         try:
-            transport = connect(settings, pkey)
-            if todo is None:
-                lister = paramiko.SFTPClient.from_transport(transport)
-                if lister is None:
-                    raise SyncError("the server refused the sftp subsystem")
-                try:
-                    lister.get_channel().settimeout(settings.io_timeout)
-                    listing = list(
-                        _walk_remote(
-                            lister, settings.remote_dir, settings.include, settings.max_depth
-                        )
-                    )
-                finally:
-                    lister.close()
-                todo = _plan(settings, listing, result, now())
-                if dry_run or not todo:
-                    return result
-                _remove_stale_partials(settings.local_dir, settings.max_depth)
-                pending = todo
-            _download_all(transport, pending, settings.parallel, settings.io_timeout)
+            with _connected(settings, pkey) as transport:
+                if todo is None:
+                    todo = _plan(settings, _list_remote(transport, settings), result, now())
+                    if dry_run or not todo:
+                        return result
+                    _remove_stale_partials(settings.local_dir, settings.max_depth)
+                    pending = todo
+                _download_all(transport, pending, settings.parallel, settings.io_timeout)
         except (SyncError, OSError, paramiko.SSHException, EOFError) as exc:
-            reason = str(exc) or type(exc).__name__
-            if isinstance(exc, IOError) and not isinstance(exc, SyncError):
-                reason = f"listing {settings.remote_dir}: {reason}"
+            reason = _failure_reason(exc, settings)
             if attempt > settings.retries:
-                result.error = f"sync failed after {attempt} attempts: {reason}"
-                for item in pending:  # a reconnect for lost downloads failed
-                    if item.status == WOULD_DOWNLOAD:
-                        item.status, item.reason = FAILED, f"reconnect failed: {reason}"
+                _give_up(result, pending, attempt, reason)
                 return result
             delay = _backoff(settings, attempt)
             log.warning("sftp attempt %d failed (%s); retrying in %.1fs", attempt, reason, delay)
             sleep(delay)
             continue
-        finally:
-            if transport is not None:
-                transport.close()
         lost = [f for f in pending if f.status == FAILED and f.connection_lost]
         if not lost or attempt > settings.retries:
             break
-        delay = _backoff(settings, attempt)
-        log.warning(
-            "connection lost during %d download(s), first %s (%s); reconnecting in %.1fs "
-            "(attempt %d of %d)",
-            len(lost),
-            lost[0].rel,
-            lost[0].reason,
-            delay,
-            attempt + 1,
-            settings.retries + 1,
-        )
-        sleep(delay)
-        for item in lost:
-            item.status, item.reason, item.connection_lost = WOULD_DOWNLOAD, "", False
-        pending = lost
+        sleep(_log_reconnect(settings, lost, attempt))
+        pending = _requeue(lost)
     assert todo is not None  # the loop leaves only after a listing (or returns)
+    _note_failed_downloads(result, todo)
+    return result
+
+
+@contextlib.contextmanager
+def _connected(settings: SftpSettings, pkey: paramiko.PKey) -> Iterator[paramiko.Transport]:
+    transport = connect(settings, pkey)
+    try:
+        yield transport
+    finally:
+        transport.close()
+
+
+def _list_remote(
+    transport: paramiko.Transport, settings: SftpSettings
+) -> list[tuple[str, paramiko.SFTPAttributes]]:
+    lister = paramiko.SFTPClient.from_transport(transport)
+    if lister is None:
+        raise SyncError("the server refused the sftp subsystem")
+    try:
+        lister.get_channel().settimeout(settings.io_timeout)
+        return list(_walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth))
+    finally:
+        lister.close()
+
+
+def _failure_reason(exc: BaseException, settings: SftpSettings) -> str:
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, IOError) and not isinstance(exc, SyncError):
+        reason = f"listing {settings.remote_dir}: {reason}"
+    return reason
+
+
+def _give_up(result: MirrorResult, pending: list[MirroredFile], attempt: int, reason: str) -> None:
+    result.error = f"sync failed after {attempt} attempts: {reason}"
+    for item in pending:  # a reconnect for lost downloads failed
+        if item.status == WOULD_DOWNLOAD:
+            item.status, item.reason = FAILED, f"reconnect failed: {reason}"
+
+
+def _log_reconnect(settings: SftpSettings, lost: list[MirroredFile], attempt: int) -> float:
+    delay = _backoff(settings, attempt)
+    log.warning(
+        "connection lost during %d download(s), first %s (%s); reconnecting in %.1fs "
+        "(attempt %d of %d)",
+        len(lost),
+        lost[0].rel,
+        lost[0].reason,
+        delay,
+        attempt + 1,
+        settings.retries + 1,
+    )
+    return delay
+
+
+def _requeue(lost: list[MirroredFile]) -> list[MirroredFile]:
+    for item in lost:
+        item.status, item.reason, item.connection_lost = WOULD_DOWNLOAD, "", False
+    return lost
+
+
+def _note_failed_downloads(result: MirrorResult, todo: list[MirroredFile]) -> None:
     failed = [f for f in todo if f.status == FAILED]
     if failed:
         result.error = f"{len(failed)} download(s) failed, first: {failed[0].rel}: " + (
             failed[0].reason
         )
-    return result
 
 
 def _plan(
@@ -710,62 +767,71 @@ def _plan(
 def _download_all(
     transport: paramiko.Transport, todo: list[MirroredFile], parallel: int, io_timeout: float
 ) -> None:
-    workers = max(1, min(parallel, len(todo)))
-    clients: queue.Queue[paramiko.SFTPClient] = queue.Queue()
+    """Download ``todo`` over up to ``parallel`` channels of one connection."""
     opened: list[paramiko.SFTPClient] = []
     lost = threading.Event()  # once the connection is gone, the rest waits for a reconnect
     try:
-        for _ in range(workers):
-            client = paramiko.SFTPClient.from_transport(transport)
-            if client is None:
-                break
-            client.get_channel().settimeout(io_timeout)
-            opened.append(client)
-            clients.put(client)
+        opened = _open_channels(transport, max(1, min(parallel, len(todo))), io_timeout)
         if not opened:
-            for item in todo:
-                item.status, item.reason = FAILED, "cannot open an sftp channel"
-                item.connection_lost = True
+            _mark_lost(todo, "cannot open an sftp channel")
             return
-
-        # Small files go in batches (pipelined on one channel), large ones one by one.
-        small = [f for f in todo if f.size < SMALL_FILE]
-        tasks: list[list[MirroredFile]] = [
-            small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH)
-        ]
-        tasks += [[f] for f in todo if f.size >= SMALL_FILE]
+        clients: queue.Queue[paramiko.SFTPClient] = queue.Queue()
+        for client in opened:
+            clients.put(client)
 
         def run(task: list[MirroredFile]) -> None:
             if lost.is_set():
-                for item in task:
-                    item.status, item.reason = FAILED, "not tried: the connection was lost"
-                    item.connection_lost = True
+                _mark_lost(task, "not tried: the connection was lost")
                 return
             client = clients.get()
             try:
-                if len(task) > 1 or task[0].size < SMALL_FILE:
-                    if not _download_small_batch(client, task):
-                        for item in task:
-                            _download(client, item)
-                else:
-                    _download(client, task[0])
+                _download_task(client, task)
                 if any(item.connection_lost for item in task):
                     lost.set()
             finally:
                 clients.put(client)
 
         if len(opened) == 1:
-            for task in tasks:
+            for task in _tasks(todo):
                 run(task)
         else:
             with ThreadPoolExecutor(max_workers=len(opened)) as pool:
-                list(pool.map(run, tasks))
+                list(pool.map(run, _tasks(todo)))
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        for item in todo:
-            if item.status == WOULD_DOWNLOAD:
-                item.status, item.reason = FAILED, str(exc) or type(exc).__name__
-                item.connection_lost = True
+        _mark_lost([f for f in todo if f.status == WOULD_DOWNLOAD], str(exc) or type(exc).__name__)
     finally:
         for client in opened:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+def _open_channels(
+    transport: paramiko.Transport, count: int, io_timeout: float
+) -> list[paramiko.SFTPClient]:
+    opened: list[paramiko.SFTPClient] = []
+    for _ in range(count):
+        client = paramiko.SFTPClient.from_transport(transport)
+        if client is None:
+            break
+        client.get_channel().settimeout(io_timeout)
+        opened.append(client)
+    return opened
+
+
+def _tasks(todo: list[MirroredFile]) -> list[list[MirroredFile]]:
+    """Small files in batches (pipelined on one channel), large ones one by one."""
+    small = [f for f in todo if f.size < SMALL_FILE]
+    tasks = [small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH)]
+    return tasks + [[f] for f in todo if f.size >= SMALL_FILE]
+
+
+def _download_task(client: paramiko.SFTPClient, task: list[MirroredFile]) -> None:
+    if task[0].size < SMALL_FILE and _download_small_batch(client, task):
+        return
+    for item in task:
+        _download(client, item)
+
+
+def _mark_lost(items: list[MirroredFile], reason: str) -> None:
+    for item in items:
+        item.status, item.reason, item.connection_lost = FAILED, reason, True

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import durable
+
 SUBDIRS = ("tmp", "queue", "processing", "status")
 LAST_RESULT = "last-ingest.json"
 
@@ -53,40 +55,6 @@ def ensure_layout(spool_dir: Path) -> None:
         (spool_dir / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any], tmp_dir: Path | None = None) -> None:
-    """Write JSON durably: temp file (in ``tmp_dir`` or beside ``path``), fsync, rename.
-
-    Any failure (a full disk: ``ENOSPC`` on write or fsync) removes the temp file and leaves
-    ``path`` as it was; a short write is continued, never renamed into place half-written.
-    """
-    tmp_parent = tmp_dir or path.parent
-    tmp = tmp_parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    data = json.dumps(payload, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def enqueue(spool_dir: Path, kind: str, **fields: Any) -> Request:
     """Durably queue one request; returns it once it is in ``queue/``."""
     request = Request(
@@ -96,7 +64,7 @@ def enqueue(spool_dir: Path, kind: str, **fields: Any) -> Request:
         **fields,
     )
     try:
-        write_json_atomic(
+        durable.write_json_atomic(
             spool_dir / "queue" / f"{request.id}.json", asdict(request), tmp_dir=spool_dir / "tmp"
         )
     except OSError as exc:
@@ -158,7 +126,7 @@ def write_last_result(spool_dir: Path, result: dict[str, Any]) -> None:
     status = spool_dir / "status"
     with contextlib.suppress(OSError):
         status.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(status / LAST_RESULT, result)
+        durable.write_json_atomic(status / LAST_RESULT, result)
 
 
 def read_last_result(spool_dir: Path) -> dict[str, Any] | None:

@@ -50,6 +50,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import filenames, spool
 from .config import UPLOAD_ROLES, UploadSettings
+from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
     RequestTracker,
     json_error,
@@ -58,8 +59,8 @@ from .httpserver import (
     secrets_equal,
     set_outcome,
 )
+from .outcomes import ExitCode
 from .ratelimit import Decision, RateLimiter, RateLimitError
-from .webhook import TriggerError, validate_esiid, validate_meter
 
 log = logging.getLogger("smt_droplet.upload")
 
@@ -358,9 +359,9 @@ class UploadService:
             raise _Reject(json_error(request, 400, "missing_file", "No file uploaded"))
         self._reserve(request, attempt)  # fields after the file may name another key
         try:
-            attempt.esiid = validate_esiid(attempt.fields.get("esiid"))
-            attempt.meter = validate_meter(attempt.fields.get("meter"))
-        except TriggerError as exc:
+            attempt.esiid = parse_esiid(attempt.fields.get("esiid"))
+            attempt.meter = parse_meter(attempt.fields.get("meter"))
+        except FieldError as exc:
             raise _Reject(json_error(request, 400, exc.code, exc.message)) from None
 
     # -- after the body ----------------------------------------------------------------------
@@ -611,17 +612,17 @@ def serve(env: Mapping[str, str]) -> int:
     settings = UploadSettings.from_env(env)
     if not settings.inbox.is_dir():
         log.error("SMT_LOCAL_DIR=%s is not a directory", settings.inbox)
-        return 2
+        return ExitCode.CONFIG
     try:
         spool.ensure_layout(settings.spool_dir)
         stale = remove_stale_partials(settings.inbox)
         limiter = RateLimiter(settings.state_db)
     except RateLimitError as exc:
         log.error("%s", exc)
-        return 2
+        return ExitCode.CONFIG
     except OSError as exc:
         log.error("cannot prepare %s: %s", exc.filename or "the spool", exc.strerror or exc)
-        return 2
+        return ExitCode.CONFIG
     if stale:
         log.info("removed %d stale partial upload(s) from %s", stale, settings.inbox)
     tracker = RequestTracker()

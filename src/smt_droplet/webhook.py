@@ -30,6 +30,7 @@ from aiohttp import web
 
 from . import spool
 from .config import WebhookSettings
+from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
     RequestTracker,
     json_error,
@@ -37,6 +38,7 @@ from .httpserver import (
     secrets_equal,
     set_outcome,
 )
+from .outcomes import ExitCode
 
 log = logging.getLogger("smt_droplet.webhook")
 
@@ -45,8 +47,6 @@ TIMESTAMP_HEADER = "x-smt-timestamp"
 SIGNATURE_HEADER = "x-smt-signature"
 MAX_REASON = 200
 
-_ESIID = re.compile(r"[0-9]{17}\Z")
-_METER = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -60,51 +60,20 @@ class Trigger:
     force_repost: bool = False
 
 
-class TriggerError(ValueError):
-    """The body is not acceptable; ``code`` goes into the 400 response."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+TriggerError = FieldError  # a body field is not acceptable; ``code`` goes into the 400
 
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() == "")
 
 
-def validate_esiid(value: Any) -> str | None:
-    """``None`` for blank, the 17 ASCII digits (one SMT apostrophe each side stripped), or raise."""
-    if isinstance(value, bool) or not (_blank(value) or isinstance(value, str | int)):
-        raise TriggerError("bad_esiid", "esiid must be a 17-digit string")
-    if _blank(value):
-        return None
-    esiid = str(value).strip()
-    if esiid.startswith("'"):
-        esiid = esiid[1:]
-    if esiid.endswith("'"):
-        esiid = esiid[:-1]
-    if not _ESIID.match(esiid):
-        raise TriggerError("bad_esiid", "esiid must be exactly 17 digits")
-    return esiid
-
-
-def validate_meter(value: Any) -> str | None:
-    """``None`` for blank, a short meter id (``M1``), or raise."""
-    if _blank(value):
-        return None
-    if not isinstance(value, str) or not _METER.match(value.strip()):
-        raise TriggerError("bad_meter", "meter must be 1-32 characters of A-Z a-z 0-9 . _ -")
-    return value.strip()
-
-
 def parse_trigger(body: bytes) -> Trigger:
     """Validate the optional JSON body ``{reason, esiid, meter, forceRepost}``.
 
-    An empty body is a plain trigger. Unknown fields are ignored. ``esiid`` must be 17 digits
-    (a string, or an integer; one leading/trailing apostrophe as SMT writes it is tolerated);
-    ``meter`` is a short identifier; ``forceRepost`` must be a JSON boolean; ``reason`` is free
-    text, cut to 200 characters with control characters removed.
+    An empty body is a plain trigger. Unknown fields are ignored. ``esiid`` and ``meter`` follow
+    :mod:`smt_droplet.esiid` (17 digits as a string or an integer; a short meter id);
+    ``forceRepost`` must be a JSON boolean; ``reason`` is free text, cut to 200 characters with
+    control characters removed.
     """
     if body.strip() == b"":
         return Trigger()
@@ -120,8 +89,8 @@ def parse_trigger(body: bytes) -> Trigger:
         raise TriggerError("bad_reason", "reason must be a string")
     reason = None if _blank(reason) else _CONTROL.sub(" ", reason.strip())[:MAX_REASON]
 
-    esiid = validate_esiid(data.get("esiid"))
-    meter = validate_meter(data.get("meter"))
+    esiid = parse_esiid(data.get("esiid"))
+    meter = parse_meter(data.get("meter"))
 
     force = data.get("forceRepost")
     if force is None:
@@ -258,7 +227,7 @@ def serve(env: Mapping[str, str]) -> int:
         spool.ensure_layout(settings.spool_dir)
     except OSError as exc:
         log.error("spool %s is not usable: %s", settings.spool_dir, exc.strerror or exc)
-        return 2
+        return ExitCode.CONFIG
     tracker = RequestTracker()
     return run_app(
         make_app(settings, tracker),

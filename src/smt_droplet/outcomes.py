@@ -1,0 +1,138 @@
+"""The words a pass uses: per-file outcomes, exit codes, and the results that carry them.
+
+One vocabulary for the whole package: the same :class:`Outcome` values appear in the journal's
+per-file lines, in the modules' ``results``, in ``smt-droplet status`` and in the web app
+answers' classification (:mod:`smt_droplet.inline_post`).
+
+Exit codes (every command; systemd shows anything but 0 as a failed run):
+
+* 0 — every file posted or deliberately skipped (already posted, rejected, too large: see
+  ``smt-droplet status``), or another pass holds the lock;
+* 1 — something is left to retry (a POST failed after its retries, a file without ESIID, the
+  SFTP sync failed, the ledger could not be written);
+* 2 — configuration error (missing/malformed setting, unreadable key, unknown/changed host key,
+  401/503 from the app).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    RETRY = 1
+    CONFIG = 2
+
+
+class Outcome(StrEnum):
+    """What happened to one file (the value is the word in logs and results)."""
+
+    POSTED = "posted"
+    DUPLICATE = "duplicate"  # the app already had these bytes: recorded like a post
+    SKIPPED_POSTED = "skipped-already-posted"
+    SKIPPED_REJECTED = "skipped-rejected"
+    SKIPPED_TOO_LARGE = "skipped-too-large"
+    REJECTED = "rejected"  # a 4xx from the app (or an undecryptable PGP delivery)
+    TOO_LARGE = "too-large"  # the encoded body is over SMT_MAX_BODY_BYTES; never sent
+    FAILED = "failed-will-retry"  # 5xx, timeout, connection error, 429 after the retries
+    NO_ESIID = "no-esiid"
+    WOULD_POST = "would-post"  # check mode
+    NOT_ATTEMPTED = "not-attempted"  # the pass stopped before this file
+    UNRECORDED = "posted-unrecorded"  # the app answered 200 but the ledger append failed
+    FATAL = "fatal"  # 401/503: the token or the app is misconfigured; the pass stops
+
+
+RETRY_OUTCOMES = frozenset(
+    {Outcome.FAILED, Outcome.NO_ESIID, Outcome.NOT_ATTEMPTED, Outcome.UNRECORDED}
+)
+ACCEPTED_OUTCOMES = frozenset({Outcome.POSTED, Outcome.DUPLICATE})
+# The order of the summary line (other outcomes follow, sorted).
+SUMMARY_ORDER = (
+    Outcome.POSTED,
+    Outcome.DUPLICATE,
+    Outcome.SKIPPED_POSTED,
+    Outcome.REJECTED,
+    Outcome.TOO_LARGE,
+    Outcome.FAILED,
+    Outcome.NO_ESIID,
+)
+
+
+@dataclass
+class FileResult:
+    """What happened to one file in a pass."""
+
+    path: str
+    outcome: Outcome
+    sha256: str | None = None
+    esiid: str | None = None
+    meter: str | None = None
+    app_id: str | None = None
+    reason: str = ""
+    size: int = 0
+    member: str | None = None  # PGP delivery: the zip entry that was (or would be) posted
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (a module's ``results``)."""
+        return {**asdict(self), "outcome": str(self.outcome)}
+
+
+@dataclass
+class PassResult:
+    """Everything a pass did; ``exit_code`` follows the rules in the module docstring."""
+
+    files: list[FileResult] = field(default_factory=list)
+    sync: Any = None  # sftp_mirror.MirrorResult when a sync ran
+    sync_error: str | None = None
+    fatal: str | None = None
+    ledger_error: str | None = None  # sidecar not saved (the posts themselves are recorded)
+    requests: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {str(k): v for k, v in Counter(f.outcome for f in self.files).items()}
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.fatal:
+            return ExitCode.CONFIG
+        if (
+            self.sync_error
+            or self.ledger_error
+            or any(f.outcome in RETRY_OUTCOMES for f in self.files)
+        ):
+            return ExitCode.RETRY
+        return ExitCode.OK
+
+    @property
+    def changed(self) -> bool:
+        return any(f.outcome in ACCEPTED_OUTCOMES for f in self.files)
+
+    def summary_line(self) -> str:
+        counts = self.counts()
+        parts = [f"{name}={counts.get(name, 0)}" for name in SUMMARY_ORDER]
+        parts += [f"{k}={v}" for k, v in sorted(counts.items()) if k not in SUMMARY_ORDER]
+        if self.sync is not None:
+            parts.append(f"downloaded={len(self.sync.downloaded)}")
+        if self.sync_error:
+            parts.append("sync=failed")
+        if self.ledger_error:
+            parts.append("ledger=failed")
+        parts.append(f"exit={int(self.exit_code)}")
+        return "summary " + " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "exit_code": int(self.exit_code),
+            "counts": self.counts(),
+            "downloaded": len(self.sync.downloaded) if self.sync is not None else None,
+            "sync_error": self.sync_error,
+            "fatal": self.fatal,
+            "ledger_error": self.ledger_error,
+            "requests": self.requests,
+        }

@@ -1,0 +1,343 @@
+"""One file: decide → act → record. :func:`process_file` is the only caller of ``post_file``.
+
+The pass, the ``post`` command and the ``smt_inline_post`` module all go through it::
+
+    digest (cached by size+mtime) → settled? (posted, or rejected/too large before) → read →
+    check mode? → attribute (attribution.py) → post (inline_post.py) → record (ledger.py)
+
+Check mode is decided in one place, :func:`process_file`: nothing is decrypted, posted or
+recorded; the result says ``would-post`` (or ``no-esiid``) with the ESIID the file would get.
+
+PGP deliveries (SMT's ``*.asc``; the content decides, not the name): the ``.asc``'s digest is
+what the ledger is checked against, so a delivery is decrypted once. An unposted one is
+decrypted (:mod:`smt_droplet.pgp_delivery`, settings ``SMT_GNUPG_HOME`` & co.), its interval CSV
+is attributed (the ``.asc`` name, then the member's name, then the CSV column, then defaults) and
+posted under the member's base name; on success both the CSV's and the ``.asc``'s digests are
+recorded. The file's own faults mark the ``.asc`` ``rejected`` with ``pgp:<code>: <reason>``;
+ours (gpg missing, timeout, locked key) are ``failed-will-retry``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .attribution import HEAD_BYTES, attribute
+from .config import ConfigError, PgpSettings, PostSettings
+from .esiid import esiid_from_name, meter_from_name, normalize_esiid
+from .inbox import InboxFile
+from .ledger import Ledger
+from .outcomes import ACCEPTED_OUTCOMES, FileResult, Outcome
+from .pgp_delivery import DeliveryError, ExtractedCsv, extract, looks_armored
+from .plan import RunPlan
+
+log = logging.getLogger("smt_droplet.ingest")
+
+# (esiid, meter) pairs in falling priority: operator override, per-file request, run request,
+# the environment's defaults.
+Defaults = list[tuple[str | None, str | None]]
+
+
+@dataclass
+class PostContext:
+    """What :func:`process_file` needs besides the file (built once per pass)."""
+
+    settings: PostSettings
+    ledger: Ledger
+    session: Any = None  # requests.Session, created by the first POST (never in check mode)
+    plan: RunPlan = field(default_factory=RunPlan)
+    check: bool = False
+    pgp: PgpSettings = field(default_factory=PgpSettings)
+
+
+def file_digest(ledger: Ledger, item: InboxFile) -> tuple[str, bytes]:
+    """(sha256, bytes) of a file; the bytes are read once and reused for the POST."""
+    data = item.path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    ledger.remember_digest(item.rel, item.size, item.mtime_ns, digest)
+    return digest, data
+
+
+def process_file(
+    ctx: PostContext,
+    item: InboxFile,
+    *,
+    force: bool = False,
+    esiid: str | None = None,
+    meter: str | None = None,
+) -> FileResult:
+    """Decide and do what happens to one file.
+
+    ``esiid``/``meter`` are explicit operator overrides (``post --esiid``); they beat everything.
+    """
+    base = os.path.basename(item.rel)
+    result = FileResult(path=item.rel, outcome=Outcome.NOT_ATTEMPTED, size=item.size)
+    data = _unsettled_bytes(ctx.ledger, item, result, force=force or ctx.plan.forces(base))
+    if data is None:
+        return result
+    defaults: Defaults = [
+        (normalize_esiid(esiid), meter),
+        ctx.plan.per_file.get(base, (None, None)),
+        (ctx.plan.esiid, ctx.plan.meter),
+        (ctx.settings.esiid_default, ctx.settings.meter_default),
+    ]
+    armored = looks_armored(data)  # content decides, not the name
+    if ctx.check:
+        return _would_post(result, item, data, defaults, armored)
+    if armored:
+        return _process_delivery(ctx, item, result, data, defaults)
+    if _attribute_plain(result, item, data, defaults):
+        _post_and_record(ctx, result, item.path, data, item.mtime, item.rel)
+    return result
+
+
+# -- decide ---------------------------------------------------------------------------------
+
+
+def _unsettled_bytes(
+    ledger: Ledger, item: InboxFile, result: FileResult, *, force: bool
+) -> bytes | None:
+    """The file's bytes if it still needs posting; ``None`` once ``result`` says why not."""
+    digest = ledger.cached_digest(item.rel, item.size, item.mtime_ns)
+    data: bytes | None = None
+    if digest is None:
+        try:
+            digest, data = file_digest(ledger, item)
+        except OSError as exc:
+            return _unreadable(result, exc)
+    result.sha256 = digest
+    if not force and _settled(ledger, digest, result):
+        return None
+    if data is None:
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            return _unreadable(result, exc)
+        if hashlib.sha256(data).hexdigest() != digest:
+            # Changed under an unchanged (size, mtime): hash it again next pass.
+            ledger.invalidate_digest(item.rel)
+            result.outcome, result.reason = Outcome.FAILED, "content changed while reading"
+            return None
+    return data
+
+
+def _unreadable(result: FileResult, exc: OSError) -> None:
+    result.outcome, result.reason = Outcome.FAILED, f"cannot read: {exc.strerror or exc}"
+
+
+def _settled(ledger: Ledger, digest: str, result: FileResult) -> bool:
+    """Already posted, or refused before for a reason the same bytes cannot fix."""
+    if ledger.is_posted(digest):
+        result.outcome = Outcome.SKIPPED_POSTED
+        return True
+    previous = ledger.outcome(digest)
+    if previous is not None and previous.status in (Outcome.REJECTED, Outcome.TOO_LARGE):
+        result.outcome = (
+            Outcome.SKIPPED_REJECTED
+            if previous.status == Outcome.REJECTED
+            else Outcome.SKIPPED_TOO_LARGE
+        )
+        result.reason = previous.reason
+        return True
+    return False
+
+
+def _attribute_plain(result: FileResult, item: InboxFile, data: bytes, defaults: Defaults) -> bool:
+    """ESIID and meter of a plain CSV; ``False`` (outcome ``no-esiid``) if there is none."""
+    override_esiid, override_meter = defaults[0]
+    who = attribute(item.path, defaults, head=data[:HEAD_BYTES])
+    result.esiid = override_esiid or who.esiid
+    result.meter = override_meter or who.meter
+    if result.esiid is None:
+        result.outcome = Outcome.NO_ESIID
+        result.reason = "no ESIID in the name, the content, a request or ESIID_DEFAULT"
+        return False
+    return True
+
+
+def _would_post(
+    result: FileResult, item: InboxFile, data: bytes, defaults: Defaults, armored: bool
+) -> FileResult:
+    """Check mode: what the file would get. A PGP delivery is not decrypted: its ESIID comes
+    from the ``.asc`` name and the defaults."""
+    if not armored:
+        if _attribute_plain(result, item, data, defaults):
+            result.outcome = Outcome.WOULD_POST
+        return result
+    override_esiid, override_meter = defaults[0]
+    fallback = attribute(item.path, defaults[1:], head=b"")
+    result.esiid = override_esiid or esiid_from_name(item.path.name) or fallback.esiid
+    result.meter = override_meter or meter_from_name(item.path.name) or fallback.meter
+    result.outcome = Outcome.WOULD_POST
+    result.reason = "pgp delivery: not decrypted in check mode"
+    return result
+
+
+# -- act and record -------------------------------------------------------------------------
+
+
+def _process_delivery(
+    ctx: PostContext, item: InboxFile, result: FileResult, data: bytes, defaults: Defaults
+) -> FileResult:
+    """A PGP-armored delivery: decrypt, take the interval CSV out of the zip, post that.
+
+    ESIID: operator override, then the ``.asc`` name, the zip member's name, the CSV's ESIID
+    column, then the defaults. Meter likewise (``M<digits>`` in a name, then the defaults).
+    The plaintext exists only inside the ``with`` block (a private directory under
+    ``SMT_PGP_TMPDIR``).
+    """
+    digest = result.sha256
+    assert digest is not None
+    try:
+        with extract(ctx.pgp, item.path, armored=data) as x:
+            result.member = x.member
+            try:
+                csv = x.path.read_bytes()
+            except OSError as exc:  # the extracted CSV vanished under us (tmp cleaner): retry
+                result.outcome, result.reason = Outcome.FAILED, f"pgp:io: {exc.strerror or exc}"
+                return result
+            if _attribute_member(result, item, x, csv, defaults):
+                _post_and_record(ctx, result, x.path, csv, item.mtime, item.rel, delivery=x)
+    except DeliveryError as exc:
+        reason = f"pgp:{exc.code}: {exc.reason}"
+        status = Outcome.FAILED if exc.retryable else Outcome.REJECTED
+        # FAILED is remembered only for `status`; a pass skips only rejected/too-large.
+        ctx.ledger.record_outcome(
+            digest, status, reason, item.rel, {"via": "pgp", "code": exc.code}
+        )
+        result.outcome, result.reason = status, reason
+    except ConfigError as exc:  # SMT_GNUPG_PASSPHRASE_FILE unreadable: ours to fix, retry
+        result.outcome, result.reason = Outcome.FAILED, f"pgp:config: {exc}"
+    # A LedgerError (the append after a 200) propagates to the pass, as for any file.
+    return result
+
+
+def _attribute_member(
+    result: FileResult, item: InboxFile, x: ExtractedCsv, csv: bytes, defaults: Defaults
+) -> bool:
+    override_esiid, override_meter = defaults[0]
+    who = attribute(x.path, defaults[1:], head=csv[:HEAD_BYTES])
+    name = item.path.name
+    result.esiid = override_esiid or esiid_from_name(name) or esiid_from_name(x.member) or who.esiid
+    result.meter = override_meter or meter_from_name(name) or meter_from_name(x.member) or who.meter
+    if result.esiid is None:
+        result.outcome = Outcome.NO_ESIID
+        result.reason = (
+            f"no ESIID in the .asc name, member {x.member!r}, its content, a request "
+            "or ESIID_DEFAULT"
+        )
+        return False
+    return True
+
+
+def _post_and_record(
+    ctx: PostContext,
+    result: FileResult,
+    path: Path,
+    data: bytes,
+    mtime: float,
+    rel: str,
+    delivery: ExtractedCsv | None = None,
+) -> None:
+    """POST ``data`` (named ``path.name``) and record the answer under ``result.sha256``.
+
+    ``delivery``: the CSV came out of that PGP delivery (``result`` is the ``.asc``'s); on
+    success the CSV's digest is recorded first, then the ``.asc``'s (what the next pass looks up),
+    and every record carries the member's name.
+    """
+    from . import inline_post  # requests is imported only when something is posted
+
+    assert result.sha256 is not None and result.esiid is not None
+    if ctx.session is None:  # an idle pass never imports requests nor builds a session
+        ctx.session = new_session()
+    answer = inline_post.post_file(
+        ctx.session,
+        ctx.settings,
+        path,
+        esiid=result.esiid,
+        meter=result.meter or ctx.settings.meter_default,
+        data=data,
+        mtime=mtime,
+    )
+    result.app_id = answer.app_id
+    _record(ctx.ledger, result, answer, rel, delivery)
+
+
+def _record(
+    ledger: Ledger,
+    result: FileResult,
+    answer: Any,
+    rel: str,
+    delivery: ExtractedCsv | None,
+) -> None:
+    """Write the app's answer (an ``inline_post.PostOutcome``) into the ledger and ``result``."""
+    digest = result.sha256
+    assert digest is not None
+    extra = None
+    if delivery is not None:
+        extra = {"via": "pgp", "member": delivery.member, "csv_sha256": delivery.csv_sha256}
+    if answer.outcome in ACCEPTED_OUTCOMES:
+        duplicate = answer.outcome == Outcome.DUPLICATE
+        if delivery is not None and not ledger.is_posted(delivery.csv_sha256):
+            # The same interval CSV arriving later in plain text is then a no-op.
+            ledger.record_posted(
+                delivery.csv_sha256,
+                f"{rel}!{delivery.member}",
+                answer.app_id,
+                duplicate,
+                {"via": "pgp", "delivery_sha256": digest},
+            )
+        ledger.record_posted(digest, rel, answer.app_id, duplicate, extra)
+        result.outcome = answer.outcome
+    elif answer.outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+        ledger.record_outcome(digest, answer.outcome, answer.reason, rel, extra)
+        result.outcome, result.reason = answer.outcome, answer.reason
+    elif answer.outcome == Outcome.FATAL:
+        result.outcome, result.reason = Outcome.FATAL, answer.reason
+    else:
+        result.outcome = Outcome.FAILED
+        result.reason = f"{answer.reason} (after {answer.attempts} attempts)"
+
+
+def new_session() -> Any:
+    """The HTTP session of a pass (``requests`` is imported only here)."""
+    import requests
+
+    session = requests.Session()
+    session.headers["user-agent"] = "smt-droplet"
+    return session
+
+
+# -- the journal line -----------------------------------------------------------------------
+
+
+def log_result(r: FileResult) -> None:
+    """One line per file and outcome (already-posted files at DEBUG: an idle pass over
+    thousands of files would flood the journal; the summary line counts them)."""
+    if r.outcome in ACCEPTED_OUTCOMES:
+        log.info(
+            "%s %s esiid=%s meter=%s sha256=%s id=%s%s",
+            r.outcome,
+            r.path,
+            r.esiid,
+            r.meter,
+            r.sha256,
+            r.app_id,
+            f" pgp-member={r.member}" if r.member else "",
+        )
+    elif r.outcome == Outcome.SKIPPED_POSTED:
+        log.debug("%s %s sha256=%s", r.outcome, r.path, r.sha256)
+    elif r.outcome == Outcome.REJECTED:
+        log.warning("rejected %s code=%s", r.path, r.reason)
+    elif r.outcome == Outcome.TOO_LARGE:
+        log.warning("too-large %s %s", r.path, r.reason)
+    elif r.outcome in (Outcome.FAILED, Outcome.NO_ESIID):
+        log.warning("%s %s %s", r.outcome, r.path, r.reason)
+    elif r.outcome == Outcome.WOULD_POST:
+        log.info("would-post %s esiid=%s meter=%s sha256=%s", r.path, r.esiid, r.meter, r.sha256)
+    else:
+        log.info("%s %s %s", r.outcome, r.path, r.reason)
