@@ -1008,7 +1008,10 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
     scenario = project / "molecule" / "full-stack" / "molecule.yml"
     if not scenario.is_file() or not (project / "playbooks" / "site.yml").is_file():
         raise BenchError("molecule/full-stack or playbooks/site.yml is not committed on HEAD")
-    scenario.write_text(scenario.read_text().replace("smt-fullstack-", "smt-bench-fullstack-"))
+    # Its own container name (the base config names it after the suffix); the export is no git
+    # checkout, so the base config is passed explicitly.
+    env = {**env, "SMT_MOLECULE_SUFFIX": "-bench"}
+    base = ["--base-config", str(project / ".config" / "molecule" / "config.yml")]
     molecule = str(VENV_BIN / "molecule")
     timings: dict[str, float] = {}
     slowest: dict[str, list[str]] = {}
@@ -1022,7 +1025,7 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
         ):
             began = time.monotonic()
             done = r.run(
-                [molecule, step, "-s", "full-stack"],
+                [molecule, *base, step, "-s", "full-stack"],
                 env=env,
                 cwd=project,
                 capture_output=True,
@@ -1038,7 +1041,12 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
                 recap = [ln for ln in output.splitlines() if "unreachable=" in ln]
                 changed = sum(int(m) for ln in recap for m in re.findall(r"changed=(\d+)", ln))
     finally:
-        r.run([molecule, "destroy", "-s", "full-stack"], env=env, cwd=project, capture_output=True)
+        r.run(
+            [molecule, *base, "destroy", "-s", "full-stack"],
+            env=env,
+            cwd=project,
+            capture_output=True,
+        )
     res.raw = {
         "timings_s": timings,
         "re_converge_changed": changed,

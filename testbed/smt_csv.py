@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Synthetic Smart Meter Texas interval CSVs in the real export layout.
 
-Layout (compare ``/work/shared/fixtures/smt/IntervalMeterUsage_*.csv``)::
+Layout (as in SMT's ``IntervalMeterUsage_*.csv`` exports)::
 
     ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,...
     '10443720000000099,11/1/2024,11/3/2024 4:36,0:00,0:15,1.618,A,Consumption

@@ -12,24 +12,22 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "src"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from testbed.intelliwatt_double import IntelliWattDouble
+from testbed.sftp_peer import SftpPeer, SftpPeerError
+from testbed.smt_csv import default_filename, generate_interval_csv, random_esiid
 
-from testbed.intelliwatt_double import IntelliWattDouble  # noqa: E402
-from testbed.sftp_peer import SftpPeer, SftpPeerError  # noqa: E402
-from testbed.smt_csv import default_filename, generate_interval_csv, random_esiid  # noqa: E402
-
-FIXTURES = Path("/work/shared/fixtures")
+# The team's shared fixtures sit beside the checkout (``../shared/fixtures``) on our machines;
+# SMT_SHARED_FIXTURES points elsewhere. Tests that use them also work without them.
+FIXTURES = Path(os.environ.get("SMT_SHARED_FIXTURES") or REPO.parent / "shared" / "fixtures")
 
 
 def _start_peer(workdir: Path) -> SftpPeer:

@@ -103,3 +103,25 @@ def task_results(parsed: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for task in play["tasks"]:
             out[task["task"]["name"]] = next(iter(task["hosts"].values()))
     return out
+
+
+def fast_env(
+    base: Mapping[str, str],
+    *,
+    post_retries: int | None = None,
+    sftp_retries: int = 1,
+    lock_wait: float = 30,
+    **extra: str,
+) -> dict[str, str]:
+    """``base`` (the ``ingest_env`` fixture) with retries and back-off short enough for tests."""
+    env = {
+        **base,
+        "SMT_RETRY_BASE_DELAY": "0.01",
+        "SMT_RETRY_MAX_DELAY": "0.05",
+        "SMT_SFTP_RETRIES": str(sftp_retries),
+        "SMT_LOCK_WAIT": f"{lock_wait:g}",
+        **extra,
+    }
+    if post_retries is not None:
+        env["SMT_POST_RETRIES"] = str(post_retries)
+    return env

@@ -18,25 +18,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import cli_env, fast_env
 
 from smt_droplet.ingest import run_pass
 from smt_droplet.ledger import read_posted_digests
 from testbed.intelliwatt_double import IntelliWattDouble
 from testbed.sftp_peer import SftpPeer
 
-REPO = Path(__file__).resolve().parent.parent
 ESIID = "10443720000000011"
 OLD = time.time() - 3600
 
 
 @pytest.fixture
 def env(ingest_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **ingest_env,
-        "SMT_RETRY_BASE_DELAY": "0.01",
-        "SMT_SFTP_RETRIES": "1",
-        "SMT_LOCK_WAIT": "60",
-    }
+    return fast_env(ingest_env, lock_wait=60)
 
 
 def remote_files(peer: SftpPeer, smt_csv, count: int = 4) -> dict[str, str]:
@@ -60,10 +55,9 @@ def big_remote_file(peer: SftpPeer, megabytes: int) -> tuple[str, str]:
 
 
 def start_pass(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
     return subprocess.Popen(
         [sys.executable, "-m", "smt_droplet", "ingest", *extra],
-        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
+        env=cli_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from helpers import cli, fast_env, sha256
 from serverproc import ServerProcess
 
 from smt_droplet import spool
@@ -38,7 +37,6 @@ from smt_droplet.sftp_mirror import MirrorResult, mirror
 from testbed.intelliwatt_double import IntelliWattDouble
 from testbed.sftp_peer import SftpPeer, _descendants
 
-REPO = Path(__file__).resolve().parent.parent
 ESIID = "10443720000000011"
 OLD = time.time() - 3600
 UPLOAD_TOKEN = "upload-token-for-failure-tests"
@@ -97,27 +95,10 @@ def fill(directory: Path, leave: int = 0) -> Path:
     return filler
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def put_remote(peer: SftpPeer, smt_csv, name: str, days: int = 1, seed: int = 0) -> str:
     path = smt_csv.write(peer.root, name=name, esiid=ESIID, days=days, seed=seed)
     os.utime(path, (OLD, OLD))
-    return sha(path.read_bytes())
-
-
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
-    clean.pop("STATE_FILE", None)
-    return subprocess.run(
-        [sys.executable, "-m", "smt_droplet", *args],
-        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    return sha256(path.read_bytes())
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -137,14 +118,7 @@ def stored_once(webapp: IntelliWattDouble, digests: set[str]) -> None:
 
 @pytest.fixture
 def env(ingest_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **ingest_env,
-        "SMT_POST_RETRIES": "1",
-        "SMT_RETRY_BASE_DELAY": "0.01",
-        "SMT_RETRY_MAX_DELAY": "0.05",
-        "SMT_SFTP_RETRIES": "2",
-        "SMT_LOCK_WAIT": "10",
-    }
+    return fast_env(ingest_env, post_retries=1, sftp_retries=2, lock_wait=10)
 
 
 # -- 1. full disk: the SFTP mirror ---------------------------------------------------------
@@ -182,7 +156,7 @@ def test_full_inbox_fails_the_download_cleanly_and_the_next_pass_posts_it_once(
     assert again.exit_code == 0, again.summary_line()
     assert [f.rel for f in again.sync.downloaded] == [new_name]
     assert again.counts() == {"posted": 1, "skipped-already-posted": 1}
-    assert sha((inbox / new_name).read_bytes()) == new_digest
+    assert sha256((inbox / new_name).read_bytes()) == new_digest
     stored_once(webapp, {old_digest, new_digest})
     assert read_posted_digests(inbox / ".posted_sha256") == {old_digest, new_digest}
     assert leftovers(inbox) == []
@@ -349,7 +323,7 @@ def test_ledger_full_after_a_200_exits_1_and_the_next_pass_records_the_duplicate
     state_file = state_dir / "posted_sha256"
     env = {**env, "STATE_FILE": str(state_file)}
     digests = {
-        sha(smt_csv.write(inbox, name=f"a{i}_{ESIID}.csv", esiid=ESIID, seed=i).read_bytes())
+        sha256(smt_csv.write(inbox, name=f"a{i}_{ESIID}.csv", esiid=ESIID, seed=i).read_bytes())
         for i in range(3)
     }
     filler = fill(state_dir)
@@ -386,7 +360,7 @@ def test_full_disk_with_room_for_ledger_lines_records_every_post_and_exits_1(
     state_file.write_text("0" * 64 + "\n")
     env = {**env, "STATE_FILE": str(state_file)}
     digests = {
-        sha(smt_csv.write(inbox, name=f"b{i}_{ESIID}.csv", esiid=ESIID, seed=i).read_bytes())
+        sha256(smt_csv.write(inbox, name=f"b{i}_{ESIID}.csv", esiid=ESIID, seed=i).read_bytes())
         for i in range(3)
     }
     filler = fill(state_dir)
@@ -467,7 +441,7 @@ def big_remote(peer: SftpPeer, megabytes: int, name: str = f"IntervalMeterUsage_
     path = peer.root / name
     path.write_bytes(data)
     os.utime(path, (OLD, OLD))
-    return name, sha(data)
+    return name, sha256(data)
 
 
 def sftp_settings(env: dict[str, str], **overrides: object) -> SftpSettings:
@@ -542,8 +516,8 @@ def test_connection_killed_mid_download_reconnects_with_backoff_and_completes(
         [name, f"IntervalMeterUsage_{ESIID}_small.csv"]
     )
     assert sleeps == [0.25]  # one reconnect, after the configured backoff
-    assert sha((inbox / name).read_bytes()) == digest
-    assert sha((inbox / f"IntervalMeterUsage_{ESIID}_small.csv").read_bytes()) == small
+    assert sha256((inbox / name).read_bytes()) == digest
+    assert sha256((inbox / f"IntervalMeterUsage_{ESIID}_small.csv").read_bytes()) == small
     assert leftovers(inbox) == []
     assert any("reconnecting" in r.getMessage() and name in r.getMessage() for r in caplog.records)
 
@@ -577,7 +551,7 @@ def test_connection_lost_for_good_reports_the_failure_and_the_next_pass_complete
     again = run_pass(env)
     assert again.exit_code == 0, again.summary_line()
     assert [f.rel for f in again.sync.downloaded] == [name]
-    assert sha((inbox / name).read_bytes()) == digest
+    assert sha256((inbox / name).read_bytes()) == digest
     stored_once(webapp, {digest})
 
 
@@ -599,7 +573,7 @@ def test_stalled_connection_times_out_reconnects_and_completes(env, sftp_peer, i
                 os.kill(pid, signal.SIGCONT)
     assert result.error is None, result.error
     assert [f.rel for f in result.downloaded] == [name]
-    assert sha((inbox / name).read_bytes()) == digest
+    assert sha256((inbox / name).read_bytes()) == digest
     assert leftovers(inbox) == []
     assert job.elapsed < 15, f"took {job.elapsed:.1f}s for a 1 s I/O timeout"
 

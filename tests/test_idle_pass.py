@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import cli_env
+
 from testbed.intelliwatt_double import IntelliWattDouble
 
-REPO = Path(__file__).resolve().parent.parent
 IMPORTED_REQUESTS = re.compile(r"\|\s+requests$", re.MULTILINE)
 
 
 def ingest(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
     return subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "smt_droplet", "ingest"],
-        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
+        env=cli_env(env),
         capture_output=True,
         text=True,
         check=False,

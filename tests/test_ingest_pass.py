@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, cli, fast_env, sha256
 
 from smt_droplet import spool
 from smt_droplet.ingest import run_pass
@@ -20,27 +20,16 @@ from smt_droplet.ledger import read_posted_digests
 from testbed.intelliwatt_double import IntelliWattDouble
 from testbed.sftp_peer import SftpPeer
 
-REPO = Path(__file__).resolve().parent.parent
 IN_NAME = "10443720000000011"
 IN_CONTENT = "10443720000000022"
 DEFAULT = "10443720000000033"
 OLD = time.time() - 3600
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+OLD_NS = int(OLD) * 1_000_000_000
 
 
 @pytest.fixture
 def env(ingest_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **ingest_env,
-        "SMT_POST_RETRIES": "3",
-        "SMT_RETRY_BASE_DELAY": "0.01",
-        "SMT_RETRY_MAX_DELAY": "0.05",
-        "SMT_SFTP_RETRIES": "1",
-        "SMT_LOCK_WAIT": "30",
-    }
+    return fast_env(ingest_env, post_retries=3)
 
 
 def put(peer: SftpPeer, smt_csv, name: str, esiid: str, seed: int = 0, days: int = 1) -> Path:
@@ -93,7 +82,7 @@ def test_first_pass_posts_each_file_once_with_esiid_and_meter(
             ).read_bytes()
         )
     ledger = read_posted_digests(inbox / ".posted_sha256")
-    assert ledger == {sha(p) for p in three_files.values()}
+    assert ledger == {sha256(p) for p in three_files.values()}
 
 
 def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> None:
@@ -234,7 +223,7 @@ def test_existing_old_ledger_is_honoured(env, three_files, webapp, inbox, sftp_p
         target = inbox / p.relative_to(sftp_peer.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, target)
-    digests = [sha(p) for p in three_files.values()]
+    digests = [sha256(p) for p in three_files.values()]
     (inbox / ".posted_sha256").write_bytes("".join(d + "\r\n" for d in digests[:2]).encode())
     result = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
     assert result.exit_code == 0
@@ -258,7 +247,7 @@ def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_
     other.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/9/2025,2.0\n")
     assert run_pass({**env, "ESIID_DEFAULT": DEFAULT}, sync=False).counts()["posted"] == 3
     webapp.reset()
-    (inbox / ".posted_sha256").write_text(sha(inbox / f"posted_before_{IN_NAME}.csv") + "\n")
+    (inbox / ".posted_sha256").write_text(sha256(inbox / f"posted_before_{IN_NAME}.csv") + "\n")
     spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT, meter="M4", force_repost=True)
     spool.enqueue(queue_dir, "upload", filename="other_upload.csv", esiid=IN_NAME)
     result = run_pass(env, sync=False)
@@ -289,19 +278,6 @@ def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:
 
 
 # -- the command line -------------------------------------------------------------------------
-
-
-def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
-    return subprocess.run(
-        [sys.executable, "-m", "smt_droplet", *args],
-        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        **kw,
-    )
 
 
 def test_cli_ingest_with_env_file_logs_per_file_and_never_the_token(
@@ -356,7 +332,7 @@ def test_cli_status_post_and_forget(env, smt_csv, webapp, inbox) -> None:
     assert len(webapp.requests()) == 1
     status = json.loads(cli(["status", "--json"], env).stdout)
     assert status["files"][0]["state"] == "posted" and status["files"][0]["app_id"] == "1"
-    assert cli(["forget", sha(path)], env).returncode == 0
+    assert cli(["forget", sha256(path)], env).returncode == 0
     assert read_posted_digests(inbox / ".posted_sha256") == set()
     assert cli(["post", str(path)], env).returncode == 0
     assert webapp.received()[-1]["duplicate"] is True
@@ -396,3 +372,27 @@ def test_unwritable_ledger_location_is_a_config_error(env, smt_csv, webapp, inbo
     proc = cli(["ingest", "--no-sync"], {**env, "STATE_FILE": "/nonexistent/dir/posted"})
     assert proc.returncode == 2 and "/nonexistent/dir" in proc.stderr
     assert webapp.requests() == []
+
+
+def test_content_rewritten_under_same_size_and_mtime_is_hashed_again_next_pass(
+    env, webapp, inbox
+) -> None:
+    """The cached digest of a file that changed under an unchanged (size, mtime) is dropped for
+    good: the next pass hashes it again and posts it (it used to fail on every pass)."""
+    path = inbox / "rewritten.csv"
+    path.write_bytes(b"XSIID,USAGE_KWH\n'10443720000000022,1.0\n")  # no ESIID column
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+    first = run_pass(env, sync=False)
+    assert [f.outcome for f in first.files] == ["no-esiid"]
+
+    path.write_bytes(b"ESIID,USAGE_KWH\n'10443720000000022,1.0\n")  # same size, same mtime
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+    second = run_pass(env, sync=False)
+    assert [(f.outcome, f.reason) for f in second.files] == [
+        ("failed-will-retry", "content changed while reading")
+    ]
+
+    third = run_pass(env, sync=False)
+    assert [(f.outcome, f.esiid) for f in third.files] == [("posted", "10443720000000022")]
+    assert sha256(path) in read_posted_digests(inbox / ".posted_sha256")
+    assert [r["filename"] for r in webapp.received()] == ["rewritten.csv"]

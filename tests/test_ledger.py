@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from smt_droplet.ledger import (
     Ledger,
@@ -23,10 +24,9 @@ from smt_droplet.ledger import (
 )
 from smt_droplet.lock import LockBusy, PassLock, lock_path_for
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def sha(n: int) -> str:
+def fake(n: int) -> str:
+    """A well-formed digest that stands for file number n."""
     return hashlib.sha256(str(n).encode()).hexdigest()
 
 
@@ -36,23 +36,23 @@ def test_read_missing_file_is_empty(tmp_path: Path) -> None:
 
 def test_read_tolerates_crlf_blank_upper_and_garbage(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    text = f"{sha(1)}\r\n\r\n  {sha(2).upper()}  \nnot-a-digest\n{sha(3)[:-1]}\n"
-    state.write_bytes(text.encode() + b"\xff\xfe\n" + sha(4).encode())
-    assert read_posted_digests(state) == {sha(1), sha(2), sha(4)}
+    text = f"{fake(1)}\r\n\r\n  {fake(2).upper()}  \nnot-a-digest\n{fake(3)[:-1]}\n"
+    state.write_bytes(text.encode() + b"\xff\xfe\n" + fake(4).encode())
+    assert read_posted_digests(state) == {fake(1), fake(2), fake(4)}
 
 
 def test_append_writes_one_line_per_digest_in_old_format(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    append_posted(state, sha(1))
-    append_posted(state, sha(2).upper())
-    assert state.read_text() == f"{sha(1)}\n{sha(2)}\n"
+    append_posted(state, fake(1))
+    append_posted(state, fake(2).upper())
+    assert state.read_text() == f"{fake(1)}\n{fake(2)}\n"
 
 
 def test_append_after_torn_line_does_not_swallow_the_new_digest(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    state.write_text(f"{sha(1)}\n{sha(2)[:20]}")  # killed mid-write by some older tool
-    append_posted(state, sha(3))
-    assert read_posted_digests(state) == {sha(1), sha(3)}
+    state.write_text(f"{fake(1)}\n{fake(2)[:20]}")  # killed mid-write by some older tool
+    append_posted(state, fake(3))
+    assert read_posted_digests(state) == {fake(1), fake(3)}
 
 
 def test_append_rejects_non_digests(tmp_path: Path) -> None:
@@ -62,11 +62,11 @@ def test_append_rejects_non_digests(tmp_path: Path) -> None:
 
 def test_remove_rewrites_atomically_and_keeps_mode(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    state.write_text(f"{sha(1)}\r\n{sha(2)}\n{sha(1)}\ngarbage\n")
+    state.write_text(f"{fake(1)}\r\n{fake(2)}\n{fake(1)}\ngarbage\n")
     os.chmod(state, 0o640)
     inode = state.stat().st_ino
-    assert remove_digests(state, {sha(1)}) == 2
-    assert state.read_text() == f"{sha(2)}\n"
+    assert remove_digests(state, {fake(1)}) == 2
+    assert state.read_text() == f"{fake(2)}\n"
     assert stat.S_IMODE(state.stat().st_mode) == 0o640
     assert state.stat().st_ino != inode  # replaced by rename, never truncated in place
     assert [p.name for p in tmp_path.iterdir()] == [".posted_sha256"]  # no temp left
@@ -74,28 +74,28 @@ def test_remove_rewrites_atomically_and_keeps_mode(tmp_path: Path) -> None:
 
 def test_remove_of_unknown_digest_leaves_file_alone(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    state.write_text(f"{sha(1)}\n")
+    state.write_text(f"{fake(1)}\n")
     inode = state.stat().st_ino
-    assert remove_digests(state, {sha(9)}) == 0
+    assert remove_digests(state, {fake(9)}) == 0
     assert state.stat().st_ino == inode
 
 
 def test_ledger_records_and_sidecar_roundtrip(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
     ledger = Ledger.load(state)
-    ledger.remember_digest("a.csv", 10, 123, sha(1))
-    ledger.record_posted(sha(1), "a.csv", "42", duplicate=False)
-    ledger.record_outcome(sha(2), "rejected", "MISSING_ESIID", "b.csv")
+    ledger.remember_digest("a.csv", 10, 123, fake(1))
+    ledger.record_posted(fake(1), "a.csv", "42", duplicate=False)
+    ledger.record_outcome(fake(2), "rejected", "MISSING_ESIID", "b.csv")
     # The ledger line is durable before save() is ever called.
-    assert read_posted_digests(state) == {sha(1)}
+    assert read_posted_digests(state) == {fake(1)}
     ledger.save()
     again = Ledger.load(state)
-    assert again.is_posted(sha(1))
-    assert again.cached_digest("a.csv", 10, 123) == sha(1)
+    assert again.is_posted(fake(1))
+    assert again.cached_digest("a.csv", 10, 123) == fake(1)
     assert again.cached_digest("a.csv", 11, 123) is None  # size changed → re-hash
     assert again.cached_digest("a.csv", 10, 124) is None  # mtime changed → re-hash
-    assert again.apps[sha(1)]["id"] == "42"
-    outcome = again.outcome(sha(2))
+    assert again.apps[fake(1)]["id"] == "42"
+    outcome = again.outcome(fake(2))
     assert outcome is not None and outcome.status == "rejected"
     assert outcome.reason == "MISSING_ESIID"
 
@@ -103,22 +103,22 @@ def test_ledger_records_and_sidecar_roundtrip(tmp_path: Path) -> None:
 def test_forget_clears_ledger_and_outcome(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
     ledger = Ledger.load(state)
-    ledger.record_posted(sha(1), "a.csv", "1", duplicate=False)
-    ledger.record_posted(sha(2), "b.csv", "2", duplicate=False)
-    ledger.record_outcome(sha(3), "too-large", "body=9 cap=1", "c.csv")
-    assert ledger.forget({sha(1), sha(3)}) == 1
+    ledger.record_posted(fake(1), "a.csv", "1", duplicate=False)
+    ledger.record_posted(fake(2), "b.csv", "2", duplicate=False)
+    ledger.record_outcome(fake(3), "too-large", "body=9 cap=1", "c.csv")
+    assert ledger.forget({fake(1), fake(3)}) == 1
     ledger.save()
-    assert read_posted_digests(state) == {sha(2)}
+    assert read_posted_digests(state) == {fake(2)}
     again = Ledger.load(state)
-    assert not again.is_posted(sha(1)) and again.outcome(sha(3)) is None
+    assert not again.is_posted(fake(1)) and again.outcome(fake(3)) is None
 
 
 def test_corrupt_sidecar_is_ignored(tmp_path: Path) -> None:
     state = tmp_path / ".posted_sha256"
-    state.write_text(f"{sha(1)}\n")
+    state.write_text(f"{fake(1)}\n")
     sidecar_path(state).write_text("{not json")
     ledger = Ledger.load(state)
-    assert ledger.is_posted(sha(1)) and ledger.hashes == {}
+    assert ledger.is_posted(fake(1)) and ledger.hashes == {}
     sidecar_path(state).write_text(json.dumps({"hashes": {"x": "bad"}, "outcomes": []}))
     assert Ledger.load(state).hashes == {}
 

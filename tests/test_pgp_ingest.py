@@ -6,12 +6,9 @@ the parent of the private plaintext directories (``SMT_PGP_TMPDIR``) is empty af
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -21,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from helpers import cli, fast_env, sha256
 from pgp_keys import Keyring, encrypt_to, make_zip, new_keyring, stop_agents
 
 from smt_droplet.ingest import run_pass
@@ -31,7 +29,6 @@ from testbed.smt_csv import generate_interval_csv
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg not installed")
 
-REPO = Path(__file__).resolve().parent.parent
 ESIID = "10443720000000099"
 MEMBER_ESIID = "10443720000000055"
 CONTENT_ESIID = "10443720000000066"
@@ -80,18 +77,14 @@ def pgp_tmp(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def env(ingest_env: dict[str, str], keys: Keys, pgp_tmp: Path) -> dict[str, str]:
-    return {
-        **ingest_env,
-        "SMT_GNUPG_HOME": str(keys.droplet.home),
-        "SMT_PGP_TMPDIR": str(pgp_tmp),
-        "SMT_PGP_MAX_BYTES": str(4 * MiB),
-        "SMT_GPG_TIMEOUT": "30",
-        "SMT_POST_RETRIES": "1",
-        "SMT_RETRY_BASE_DELAY": "0.01",
-        "SMT_RETRY_MAX_DELAY": "0.05",
-        "SMT_SFTP_RETRIES": "1",
-        "SMT_LOCK_WAIT": "30",
-    }
+    return fast_env(
+        ingest_env,
+        post_retries=1,
+        SMT_GNUPG_HOME=str(keys.droplet.home),
+        SMT_PGP_TMPDIR=str(pgp_tmp),
+        SMT_PGP_MAX_BYTES=str(4 * MiB),
+        SMT_GPG_TIMEOUT="30",
+    )
 
 
 def put(directory: Path, name: str, data: bytes) -> Path:
@@ -100,22 +93,6 @@ def put(directory: Path, name: str, data: bytes) -> Path:
     path.write_bytes(data)
     os.utime(path, (OLD, OLD))
     return path
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "ADMIN", "INTELLI"))}
-    return subprocess.run(
-        [sys.executable, "-m", "smt_droplet", *args],
-        env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
 
 
 def status_rows(env: dict[str, str]) -> dict[str, dict]:
@@ -147,7 +124,7 @@ def test_delivery_posts_the_interval_csv_once(
     first = run_pass(env)
     assert first.exit_code == 0, first.summary_line()
     assert first.counts() == {"posted": 1}
-    assert first.files[0].member == member and first.files[0].sha256 == sha(armored)
+    assert first.files[0].member == member and first.files[0].sha256 == sha256(armored)
     posted = webapp.posted()
     assert len(posted) == 1 and len(webapp.requests()) == 1
     record = posted[0]
@@ -158,16 +135,16 @@ def test_delivery_posts_the_interval_csv_once(
 
     # Ledger: the .asc digest (what the next pass looks up) and the CSV's, one line each.
     lines = (inbox / ".posted_sha256").read_text().splitlines()
-    assert sorted(lines) == sorted([sha(armored), sha(interval)])
+    assert sorted(lines) == sorted([sha256(armored), sha256(interval)])
     ledger = Ledger.load(inbox / ".posted_sha256")
-    assert ledger.apps[sha(armored)]["member"] == member
-    assert ledger.apps[sha(armored)]["csv_sha256"] == sha(interval)
+    assert ledger.apps[sha256(armored)]["member"] == member
+    assert ledger.apps[sha256(armored)]["csv_sha256"] == sha256(interval)
     # No plaintext in the inbox: only the mirrored .asc and the ledger's dot files.
     assert sorted(p.name for p in inbox.iterdir() if not p.name.startswith(".")) == [asc_name]
 
     row = status_rows(env)[asc_name]
     assert (row["state"], row["via"], row["member"]) == ("posted", "pgp", member)
-    assert row["csv_sha256"] == sha(interval) and row["app_id"] == record["id"]
+    assert row["csv_sha256"] == sha256(interval) and row["app_id"] == record["id"]
     human = cli(["status"], env).stdout
     assert f"pgp-member={member}" in human
 

@@ -27,6 +27,7 @@ from typing import Any
 import paramiko
 import pytest
 import requests
+from helpers import REPO
 
 from testbed.intelliwatt_double import PULL_PATH, IntelliWattDouble
 from testbed.sftp_peer import SftpPeer, SftpPeerError, _find_tool
@@ -38,7 +39,6 @@ from testbed.smt_csv import (
     random_esiid,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 ESIID = "10443720000000099"
 CSV = b"ESIID,USAGE_DATE\n'10443720000000099,11/1/2024\n"
 

@@ -18,8 +18,7 @@ from serverproc import ServerProcess, raw_request, run_once
 
 from smt_droplet import filenames
 from smt_droplet.config import UploadSettings
-from smt_droplet.ratelimit import RateLimiter
-from smt_droplet.upload import UploadService, looks_like_csv
+from smt_droplet.upload_store import InboxStore, Partial, looks_like_csv
 
 TOKEN = "upload-token-for-tests"
 STORED = re.compile(r"\A\d{8}T\d{6}_[A-Za-z0-9][A-Za-z0-9._-]*\.csv(\.\d+)?\Z")
@@ -209,18 +208,16 @@ def test_never_overwrites_an_existing_name(tmp_path: Path) -> None:
     settings = UploadSettings.from_env(
         {"SMT_LOCAL_DIR": str(inbox), "SMT_UPLOAD_STATE": str(tmp_path / "rl.db")}
     )
-    limiter = RateLimiter(settings.state_db)
-    service = UploadService(settings, limiter)
+    store = InboxStore(settings)
     (inbox / "20250101T000000_a.csv").write_bytes(b"original\n")
     (inbox / "20250101T000000_a-1.csv").write_bytes(b"original 1\n")
     tmp = inbox / filenames.temp_name()
     tmp.write_bytes(b"new,data\n")
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        final = service._commit(tmp, fd, "20250101T000000_a.csv")
+        final = store.commit(Partial(tmp, fd), "20250101T000000_a.csv")
     finally:
         os.close(fd)
-        limiter.close()
     assert final == "20250101T000000_a-2.csv"
     assert (inbox / "20250101T000000_a.csv").read_bytes() == b"original\n"
     assert (inbox / "20250101T000000_a-1.csv").read_bytes() == b"original 1\n"

@@ -6,8 +6,11 @@ report hook; the test modules import the helpers.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +52,37 @@ def pytest_runtest_makereport(item, call):
     for unit in getattr(item.module, "UNITS", ()):
         journal = host.run(f"journalctl -u {unit} --no-pager -n 60").stdout
         report.sections.append((f"journalctl -u {unit}", journal))
+
+
+def converge_with_tags(*tags: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the scenario's converge.yml again with only ``tags`` (from the verifier, which runs
+    on the controller): what an operator's ``ansible-playbook site.yml --tags ...`` does."""
+    scenario = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+    project = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+    env = {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(project / "roles"),
+        "ANSIBLE_LIBRARY": str(project / "library"),
+        "ANSIBLE_MODULE_UTILS": str(project / "src"),
+        "ANSIBLE_PIPELINING": "true",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    cmd = [
+        "ansible-playbook",
+        "-i",
+        os.environ["MOLECULE_INVENTORY_FILE"],
+        str(scenario / "converge.yml"),
+        "--tags",
+        ",".join(tags),
+    ]
+    if check:
+        cmd.append("--check")
+    return subprocess.run(
+        cmd, cwd=scenario, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def recap_changed(stdout: str) -> list[int]:
+    """The changed= counts of a play recap."""
+    return [int(n) for n in re.findall(r"\bchanged=(\d+)", stdout)]

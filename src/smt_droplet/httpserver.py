@@ -56,6 +56,14 @@ def json_error(
     return web.json_response(body, status=status, headers=headers)
 
 
+class Reject(Exception):
+    """Control flow inside a handler: a check failed; carries the error response."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
 def set_outcome(request: web.Request, outcome: str, bytes_in: int | None = None) -> None:
     request[OUTCOME] = outcome
     if bytes_in is not None:

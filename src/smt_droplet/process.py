@@ -108,7 +108,8 @@ def _unsettled_bytes(
         try:
             digest, data = file_digest(ledger, item)
         except OSError as exc:
-            return _unreadable(result, exc)
+            _unreadable(result, exc)
+            return None
     result.sha256 = digest
     if not force and _settled(ledger, digest, result):
         return None
@@ -116,7 +117,8 @@ def _unsettled_bytes(
         try:
             data = item.path.read_bytes()
         except OSError as exc:
-            return _unreadable(result, exc)
+            _unreadable(result, exc)
+            return None
         if hashlib.sha256(data).hexdigest() != digest:
             # Changed under an unchanged (size, mtime): hash it again next pass.
             ledger.invalidate_digest(item.rel)

@@ -350,9 +350,9 @@ def _int64_type() -> type[int]:
     """The int subclass paramiko's request packer writes as a 64-bit integer: ``int64`` in
     ``paramiko.sftp`` (3.x and later), ``long`` in ``paramiko.py3compat`` (2.x, Debian 12)."""
     try:
-        from paramiko.sftp import int64  # type: ignore[attr-defined]
+        from paramiko.sftp import int64
     except ImportError:
-        from paramiko.py3compat import long as int64  # type: ignore[no-redef]
+        from paramiko.py3compat import long as int64  # type: ignore[no-redef,import-not-found]
     return int64
 
 
@@ -391,7 +391,7 @@ def _read_pipelined(
             answer = replies.got.pop(num, None)
             t, msg = answer if answer is not None else wait(num)
             if t != CMD_DATA:
-                sftp._convert_status(msg)  # raises EOFError at EOF, OSError on an error
+                sftp._convert_status(msg)  # type: ignore[attr-defined]
                 raise paramiko.SFTPError(f"unexpected answer {t} to READ")
             data = msg.get_string()
             if not data:
@@ -423,6 +423,13 @@ def _close_without_waiting(remote: paramiko.SFTPFile) -> None:
 
 # What a dropped or silent connection raises (a local ENOSPC is a plain OSError, not this).
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, TimeoutError, ConnectionError)
+
+
+def _channel(sftp: paramiko.SFTPClient) -> paramiko.Channel:
+    channel = sftp.get_channel()
+    if channel is None:  # only for a client built without one, which we never do
+        raise SyncError("the sftp session has no channel")
+    return channel
 
 
 def _connection_gone(sftp: paramiko.SFTPClient) -> bool:
@@ -470,7 +477,7 @@ def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tup
     except _CONNECTION_ERRORS:
         # A dead or silent channel: do not wait another timeout for CLOSE's answer.
         with contextlib.suppress(Exception):
-            sftp.get_channel().close()
+            _channel(sftp).close()
         raise
     finally:
         remote.close()
@@ -538,7 +545,7 @@ def _answer(
         return None
     if t not in wanted:
         try:
-            sftp._convert_status(msg)  # OSError (EOFError for an empty file)
+            sftp._convert_status(msg)  # type: ignore[attr-defined]  # OSError (EOFError: empty file)
         except EOFError:
             if handle is None:
                 raise paramiko.SSHException("EOF answering OPEN") from None
@@ -591,6 +598,7 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
                 item.reason = str(exc).rstrip(": ") or type(exc).__name__
                 continue
             if handle is None:
+                assert msg is not None  # _answer returns None only for a READ
                 handle = msg.get_binary()
                 num = request(replies, CMD_READ, handle, int64(0), int(item.size + 1))
                 inflight.append((num, item, handle))
@@ -611,7 +619,7 @@ def _connection_lost(sftp: paramiko.SFTPClient, items: list[MirroredFile], exc: 
         if item.status == WOULD_DOWNLOAD:
             item.status, item.reason, item.connection_lost = FAILED, reason, True
     with contextlib.suppress(Exception):
-        sftp.get_channel().close()
+        _channel(sftp).close()
 
 
 def mirror(
@@ -679,7 +687,7 @@ def _list_remote(
     if lister is None:
         raise SyncError("the server refused the sftp subsystem")
     try:
-        lister.get_channel().settimeout(settings.io_timeout)
+        _channel(lister).settimeout(settings.io_timeout)
         return list(_walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth))
     finally:
         lister.close()
@@ -813,7 +821,7 @@ def _open_channels(
         client = paramiko.SFTPClient.from_transport(transport)
         if client is None:
             break
-        client.get_channel().settimeout(io_timeout)
+        _channel(client).settimeout(io_timeout)
         opened.append(client)
     return opened
 

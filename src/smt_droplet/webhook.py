@@ -84,10 +84,13 @@ def parse_trigger(body: bytes) -> Trigger:
     if not isinstance(data, dict):
         raise TriggerError("bad_json", "body must be a JSON object")
 
-    reason = data.get("reason")
-    if not _blank(reason) and not isinstance(reason, str):
+    raw_reason = data.get("reason")
+    if _blank(raw_reason):
+        reason = None
+    elif isinstance(raw_reason, str):
+        reason = _CONTROL.sub(" ", raw_reason.strip())[:MAX_REASON]
+    else:
         raise TriggerError("bad_reason", "reason must be a string")
-    reason = None if _blank(reason) else _CONTROL.sub(" ", reason.strip())[:MAX_REASON]
 
     esiid = parse_esiid(data.get("esiid"))
     meter = parse_meter(data.get("meter"))

@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from role_checks import exposure, wait_for
+from role_checks import converge_with_tags, exposure, recap_changed, wait_for
 
 UNITS = ("smt-ingest.service", "smt-ingest.timer", "smt-ingest.path")
 INBOX = "/home/deploy/smt_inbox"
@@ -162,3 +162,13 @@ def test_a_queued_request_starts_a_sandboxed_pass(host):
     assert host.file(f"{SPOOL}/status/last-ingest.json").exists
     journal = host.run("journalctl -u smt-ingest.service --no-pager -n 50").stdout
     assert "226/NAMESPACE" not in journal and "203/EXEC" not in journal
+
+
+@pytest.mark.parametrize("tag", ["smt_ingest_configure", "smt_ingest_service"])
+def test_a_documented_tag_runs_alone_on_the_converged_box(tag):
+    """The README's tags work alone: the facts later phases need and the preflight run under any
+    tag, and on a converged box nothing changes."""
+    out = converge_with_tags(tag)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert recap_changed(out.stdout) == [0], out.stdout[-2000:]
+    assert "Check the platform" in out.stdout  # preflight ran
