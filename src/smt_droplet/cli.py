@@ -41,19 +41,11 @@ def _command(name: str) -> Handler:
     """The handler in ``commands.py`` (imported on use: ``--help`` stays fast)."""
 
     def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-        from . import commands
+        from .commands import HANDLERS
 
-        handler: Callable[[Mapping[str, str], argparse.Namespace], int] = getattr(
-            commands, f"run_{name}_command"
-        )
-        return handler(env, args)
+        return HANDLERS[name](env, args)
 
     return run
-
-
-_cmd_ingest, _cmd_sync, _cmd_status, _cmd_forget, _cmd_post = (
-    _command(n) for n in ("ingest", "sync", "status", "forget", "post")
-)
 
 
 def _cmd_webhook(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -81,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, handler: Handler | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler or _command(name))
         return p
 
-    p = add("ingest", _cmd_ingest, "one pass: sync from SFTP, then post every unposted file")
+    p = add("ingest", "one pass: sync from SFTP, then post every unposted file")
     p.add_argument("--no-sync", action="store_true", help="skip the SFTP sync; post what is local")
     p.add_argument(
         "--no-spool", action="store_true", help="do not consume queued webhook/upload requests"
@@ -97,18 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(queued requests stay queued for the next pass). Exit 0: everything posted or "
         "deliberately skipped; 1: something left to retry; 2: configuration error."
     )
-    add("sync", _cmd_sync, "mirror new files from SFTP into the inbox; post nothing")
-    p = add("status", _cmd_status, "per-file state: posted, rejected, too large, pending")
+    add("sync", "mirror new files from SFTP into the inbox; post nothing")
+    p = add("status", "per-file state: posted, rejected, too large, pending")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("forget", _cmd_forget, "drop a file from the ledger so the next pass re-posts it")
+    p = add("forget", "drop a file from the ledger so the next pass re-posts it")
     p.add_argument("target", metavar="PATH|SHA256", help="an inbox file or its sha256")
-    p = add("post", _cmd_post, "post one file now (ledger updated, lock held)")
+    p = add("post", "post one file now (ledger updated, lock held)")
     p.add_argument("path", help="the CSV to post")
     p.add_argument("--esiid", help="ESIID to attribute the file to (17 digits)")
     p.add_argument("--meter", help="meter id, e.g. M1")
     p.add_argument("--force", action="store_true", help="post even if the ledger has it")
-    add("webhook-server", _cmd_webhook, "serve POST /trigger/smt-now (queues an ingest)")
-    add("upload-server", _cmd_upload, "serve POST /upload (stores a CSV, queues an ingest)")
+    add("webhook-server", "serve POST /trigger/smt-now (queues an ingest)", _cmd_webhook)
+    add("upload-server", "serve POST /upload (stores a CSV, queues an ingest)", _cmd_upload)
     return parser
 
 

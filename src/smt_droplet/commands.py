@@ -140,3 +140,13 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
             log.info("%s %s %s (use --force)", r.outcome, r.path, r.reason)
     log.info("%s", result.summary_line())
     return result.exit_code
+
+
+# ``smt-droplet <name>`` → its handler (cli.py's parser names the same commands).
+HANDLERS = {
+    "ingest": run_ingest_command,
+    "sync": run_sync_command,
+    "status": run_status_command,
+    "forget": run_forget_command,
+    "post": run_post_command,
+}

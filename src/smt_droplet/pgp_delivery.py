@@ -193,16 +193,6 @@ def looks_armored(data: bytes) -> bool:
     return data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().startswith(ARMOR_HEADER)
 
 
-def is_pgp_armored(path: Path) -> bool:
-    """:func:`looks_armored` on the file's first kilobyte (False if it cannot be read)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(1024)
-    except OSError:
-        return False
-    return looks_armored(head)
-
-
 @contextlib.contextmanager
 def extract_interval_csv(
     path: Path,
@@ -292,6 +282,29 @@ def _gpg_decrypt(
     """Run gpg; return the fingerprint of the decryption subkey or raise a DeliveryError."""
     if gnupg_home is not None and not Path(gnupg_home).is_dir():
         raise DecryptFailed(path, f"GnuPG home {gnupg_home} is not a directory")
+    with _passphrase_pipe(path, passphrase) as read_fd:
+        cmd = _decrypt_command(gpg_binary, gnupg_home, max_output, out, read_fd)
+        try:
+            proc = subprocess.run(
+                cmd,
+                input=armored,
+                capture_output=True,
+                timeout=timeout,
+                pass_fds=() if read_fd is None else (read_fd,),
+                shell=False,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise DecryptFailed(path, f"{gpg_binary} not found (install gnupg)") from None
+        except subprocess.TimeoutExpired:
+            raise DecryptFailed(path, f"gpg did not finish within {timeout:g} s") from None
+    return _decryption_key(path, proc, gnupg_home, gpg_binary)
+
+
+def _decrypt_command(
+    gpg_binary: str, gnupg_home: Path | None, max_output: int, out: Path, passphrase_fd: int | None
+) -> list[str]:
+    """gpg with machine-readable status, no network, no caches, capped output."""
     cmd = [gpg_binary, *_base_args(gnupg_home)]
     cmd += [
         "--status-fd",
@@ -303,42 +316,43 @@ def _gpg_decrypt(
         "--max-output",
         str(max_output),
     ]
-    pass_fds: tuple[int, ...] = ()
-    read_fd = write_fd = -1
-    if passphrase is not None:
-        secret = passphrase.encode()
-        if len(secret) > MAX_PASSPHRASE_BYTES or b"\n" in secret:
-            raise DecryptFailed(path, "passphrase is too long or spans lines")
-        read_fd, write_fd = os.pipe()
-        os.write(write_fd, secret + b"\n")  # fits the pipe buffer; gpg reads it at its pace
-        os.close(write_fd)
-        pass_fds = (read_fd,)
-        cmd += ["--passphrase-fd", str(read_fd)]
-    cmd += ["--output", str(out), "--decrypt"]
+    if passphrase_fd is not None:
+        cmd += ["--passphrase-fd", str(passphrase_fd)]
+    return [*cmd, "--output", str(out), "--decrypt"]
+
+
+@contextlib.contextmanager
+def _passphrase_pipe(path: Path, passphrase: str | None) -> Iterator[int | None]:
+    """The read end of a pipe that holds the passphrase (never on a command line), or None."""
+    if passphrase is None:
+        yield None
+        return
+    secret = passphrase.encode()
+    if len(secret) > MAX_PASSPHRASE_BYTES or b"\n" in secret:
+        raise DecryptFailed(path, "passphrase is too long or spans lines")
+    read_fd, write_fd = os.pipe()
     try:
-        proc = subprocess.run(
-            cmd,
-            input=armored,
-            capture_output=True,
-            timeout=timeout,
-            pass_fds=pass_fds,
-            shell=False,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise DecryptFailed(path, f"{gpg_binary} not found (install gnupg)") from None
-    except subprocess.TimeoutExpired:
-        raise DecryptFailed(path, f"gpg did not finish within {timeout:g} s") from None
+        os.write(write_fd, secret + b"\n")  # fits the pipe buffer; gpg reads it at its pace
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+        os.close(write_fd)
+    try:
+        yield read_fd
+    finally:
+        os.close(read_fd)
+
+
+def _decryption_key(
+    path: Path,
+    proc: subprocess.CompletedProcess[bytes],
+    gnupg_home: Path | None,
+    gpg_binary: str,
+) -> str | None:
     status = _parse_status(proc.stdout)
     stderr = proc.stderr.decode("utf-8", "replace")
     if proc.returncode == 0 and "DECRYPTION_OKAY" in status and "DECRYPTION_FAILED" not in status:
         if "BADMDC" in status:  # defensive: gpg exits non-zero for this already
             raise CorruptArmor(path, "integrity check failed: the message was modified")
-        key = status.get("DECRYPTION_KEY", [""])[0].split(" ")[0] or None
-        return key
+        return status.get("DECRYPTION_KEY", [""])[0].split(" ")[0] or None
     raise _classify_failure(path, proc.returncode, status, stderr, gnupg_home, gpg_binary)
 
 
