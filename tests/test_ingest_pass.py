@@ -251,17 +251,47 @@ def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_
     spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT, meter="M4", force_repost=True)
     spool.enqueue(queue_dir, "upload", filename="other_upload.csv", esiid=IN_NAME)
     result = run_pass(env, sync=False)
-    assert result.exit_code == 0 and result.requests == 2
+    assert result.requests == 2
     got = by_name(webapp)
-    assert got["customer_upload.csv"]["esiid"] == IN_CONTENT  # run default from the webhook
-    assert got["customer_upload.csv"]["meter"] == "M4"
+    # The trigger's ESIID is for files its pass downloads: none here, so the waiting upload
+    # without an ESIID of its own is not attributed to it (it stays no-esiid, exit 1).
+    assert "customer_upload.csv" not in got
+    assert {f.path: f.outcome for f in result.files}["customer_upload.csv"] == "no-esiid"
     assert got["other_upload.csv"]["esiid"] == IN_NAME  # the upload's own ESIID
     assert f"posted_before_{IN_NAME}.csv" in got  # force_repost re-posted a ledger file
     assert spool.depth(queue_dir) == 0 and not list((queue_dir / "processing").iterdir())
     last = spool.read_last_result(queue_dir)
-    # the app was reset, so all three are new to it again
-    assert last is not None and last["exit_code"] == 0 and last["counts"] == {"posted": 3}
+    # the app was reset, so both posted files are new to it again
+    assert last is not None and last["exit_code"] == 1
+    assert last["counts"] == {"posted": 2, "no-esiid": 1}
     assert "finished_at" in last and last["requests"] == 2
+
+
+def test_a_trigger_esiid_never_attributes_a_waiting_upload(
+    env, sftp_peer, smt_csv, webapp, inbox
+) -> None:
+    """Data integrity: customer A's upload (no ESIID in name, content or form) waits in the inbox;
+    a trigger for customer B's ESIID arrives. B's ESIID applies only to what B's pass downloads
+    from SFTP; A's file stays no-esiid and is never posted under B."""
+    queue_dir = Path(env["SMT_SPOOL_DIR"])
+    spool.ensure_layout(queue_dir)
+    waiting = inbox / "20260101T000000_customer_a.csv"
+    waiting.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    spool.enqueue(queue_dir, "upload", filename=waiting.name)  # the upload named no ESIID
+    fresh = sftp_peer.root / "interval_export.csv"  # no ESIID of its own either
+    fresh.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/9/2025,2.0\n")
+    os.utime(fresh, (OLD, OLD))
+    spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT, meter="M4", reason="customer B")
+    result = run_pass(env)
+    outcomes = {f.path: (f.outcome, f.esiid) for f in result.files}
+    assert outcomes[waiting.name] == ("no-esiid", None)
+    assert outcomes["interval_export.csv"] == ("posted", IN_CONTENT)
+    got = by_name(webapp)
+    assert set(got) == {"interval_export.csv"} and got["interval_export.csv"]["meter"] == "M4"
+    # The next timer pass (no request) does not attribute it either.
+    again = run_pass(env)
+    assert {f.path: f.outcome for f in again.files}[waiting.name] == "no-esiid"
+    assert set(by_name(webapp)) == {"interval_export.csv"}
 
 
 def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:

@@ -44,6 +44,8 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
             plan = plan_from_requests(requests)
             if sftp_settings is not None:
                 _sync(sftp_settings, pkey, result)
+                if result.sync is not None:
+                    plan.fresh = {f.rel for f in result.sync.downloaded}
             if not result.fatal:
                 post_pending(settings, plan=plan, result=result, pgp=pgp)
         finally:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ from .plan import RunPlan
 
 log = logging.getLogger("smt_droplet.ingest")
 
-# (esiid, meter) pairs in falling priority: operator override, per-file request, run request,
-# the environment's defaults.
+# (esiid, meter) pairs in falling priority: operator override, the file's own upload request,
+# the run's trigger (files this pass downloaded only), the environment's defaults.
 Defaults = list[tuple[str | None, str | None]]
 
 
@@ -74,15 +73,13 @@ def process_file(
 
     ``esiid``/``meter`` are explicit operator overrides (``post --esiid``); they beat everything.
     """
-    base = os.path.basename(item.rel)
     result = FileResult(path=item.rel, outcome=Outcome.NOT_ATTEMPTED, size=item.size)
-    data = _unsettled_bytes(ctx.ledger, item, result, force=force or ctx.plan.forces(base))
+    data = _unsettled_bytes(ctx.ledger, item, result, force=force or ctx.plan.forces(item.rel))
     if data is None:
         return result
     defaults: Defaults = [
         (normalize_esiid(esiid), meter),
-        ctx.plan.per_file.get(base, (None, None)),
-        (ctx.plan.esiid, ctx.plan.meter),
+        *ctx.plan.defaults_for(item.rel),
         (ctx.settings.esiid_default, ctx.settings.meter_default),
     ]
     armored = looks_armored(data)  # content decides, not the name
