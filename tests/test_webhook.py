@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import string
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from hypothesis import strategies as st
 from serverproc import ServerProcess, raw_request, run_once
 
 from smt_droplet import spool
-from smt_droplet.webhook import Trigger, TriggerError, parse_trigger, sign
+from smt_droplet.signatures import sign, sign_standard
+from smt_droplet.webhook import Trigger, TriggerError, parse_trigger
 
 SECRET = "webhook-secret-for-tests"
 ESIID = "10443720004529147"
@@ -32,6 +35,7 @@ class Hook:
             "SMT_WEBHOOK_BIND": "127.0.0.1",
             "SMT_WEBHOOK_PORT": "0",
             "SMT_SHUTDOWN_GRACE": "1",
+            "SMT_WEBHOOK_STATE": str(root / "webhook-state" / "replay.sqlite3"),
         }
         self.env.update(extra)
         self.servers: list[ServerProcess] = []
@@ -291,6 +295,110 @@ def test_signature_mode_require_refuses_the_bare_secret(tmp_path: Path) -> None:
         assert len(hook.queued()) == 1
     finally:
         server.ensure_stopped()
+
+
+def test_a_captured_signed_request_is_accepted_once_even_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    hook = Hook(tmp_path, SMT_WEBHOOK_SIGNATURE="require")
+    server = hook.start()
+    body = json.dumps({"reason": "pull"}).encode()
+    captured = signed_headers(body)
+    try:
+        codes = [trigger(server, body, headers=captured).status_code for _ in range(7)]
+        assert codes == [202] + [409] * 6
+    finally:
+        server.ensure_stopped()
+    server = hook.start()  # the memory is on disk
+    try:
+        assert trigger(server, body, headers=captured).status_code == 409
+        assert trigger(server, body, headers=signed_headers(body)).status_code in (202, 409)
+    finally:
+        server.ensure_stopped()
+    assert 1 <= len(hook.queued()) <= 2  # a fresh signature in the same second is the same one
+
+
+@pytest.mark.parametrize(
+    ("stamp", "status"),
+    [
+        ("nan", 401),
+        ("inf", 401),
+        ("-5", 401),
+        ("1e9", 401),
+        ("", 401),
+        (299, 401),  # an int is an offset from now: 299 s ahead of the server's clock
+        (30, 202),
+        (-299, 202),
+        (-301, 401),
+    ],
+)
+def test_timestamps_must_be_finite_integers_inside_the_window(
+    shared_signed: Hook, stamp: str | int, status: int
+) -> None:
+    server = shared_signed.servers[0]
+    body = json.dumps({"reason": f"stamp {stamp}"}).encode()
+    value = str(int(time.time()) + stamp) if isinstance(stamp, int) else stamp
+    headers = {"x-smt-timestamp": value, "x-smt-signature": sign(SECRET, value, body)}
+    assert trigger(server, body, headers=headers).status_code == status
+
+
+@pytest.fixture(scope="module")
+def shared_signed(tmp_path_factory: pytest.TempPathFactory):
+    hook = Hook(tmp_path_factory.mktemp("signed"), SMT_WEBHOOK_SIGNATURE="require")
+    hook.start()
+    yield hook
+    for server in hook.servers:
+        server.ensure_stopped()
+
+
+def standard_headers(secret: str, msg_id: str, body: bytes, *extra: str) -> dict[str, str]:
+    stamp = str(int(time.time()))
+    signatures = " ".join([*extra, sign_standard(secret, msg_id, stamp, body)])
+    return {"webhook-id": msg_id, "webhook-timestamp": stamp, "webhook-signature": signatures}
+
+
+def test_standard_webhooks_signatures_with_rotation(tmp_path: Path) -> None:
+    current = "whsec_" + base64.b64encode(b"current-key-32-bytes-long-enough!").decode()
+    previous = "whsec_" + base64.b64encode(b"previous-key-32-bytes-long-enough").decode()
+    hook = Hook(
+        tmp_path,
+        SMT_WEBHOOK_SIGNATURE="require",
+        INTELLIWATT_WEBHOOK_SECRET=current,
+        INTELLIWATT_WEBHOOK_SECRET_PREVIOUS=previous,
+    )
+    server = hook.start()
+    body = json.dumps({"esiid": ESIID}).encode()
+    try:
+        assert (
+            trigger(server, body, headers=standard_headers(current, "msg_1", body)).status_code
+            == 202
+        )
+        # the sender still signs with the old secret during the rotation, plus a bogus entry
+        old = standard_headers(previous, "msg_2", body, "v1,AAAA")
+        assert trigger(server, body, headers=old).status_code == 202
+        assert trigger(server, body, headers=old).status_code == 409  # same webhook-id
+        wrong = standard_headers("whsec_" + base64.b64encode(b"x" * 32).decode(), "msg_3", body)
+        assert trigger(server, body, headers=wrong).status_code == 401
+        tampered = standard_headers(current, "msg_4", body)
+        assert trigger(server, body + b" ", headers=tampered).status_code == 401
+        # the id is signed: a captured signature under a new id is refused
+        moved = {**standard_headers(current, "msg_5", body), "webhook-id": "msg_6"}
+        assert trigger(server, body, headers=moved).status_code == 401
+    finally:
+        server.ensure_stopped()
+    assert len(hook.queued()) == 2
+
+
+def test_the_queue_cap_holds_under_concurrent_triggers(tmp_path: Path) -> None:
+    hook = Hook(tmp_path, SMT_WEBHOOK_MAX_QUEUED="20")
+    server = hook.start()
+    try:
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            codes = list(pool.map(lambda _: trigger(server, b"").status_code, range(400)))
+    finally:
+        server.ensure_stopped()
+    assert codes.count(202) == 20 and codes.count(429) == 380
+    assert len(hook.queued()) == 20
 
 
 # -- startup and shutdown -------------------------------------------------------------------------

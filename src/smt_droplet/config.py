@@ -288,6 +288,8 @@ class PostSettings:
 
 
 WEBHOOK_SECRET_NAMES = ("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET")
+DEFAULT_WEBHOOK_STATE = "/var/lib/smt-webhook/replay.sqlite3"
+MAX_SIGNATURE_WINDOW = 300.0
 SIGNATURE_MODES = ("off", "accept", "require")
 UPLOAD_ROLES = ("admin", "customer")
 DEFAULT_UPLOAD_STATE = "/var/lib/smt-upload/ratelimit.sqlite3"
@@ -321,6 +323,13 @@ class WebhookSettings:
     signature: str = "off"
     signature_window: float = 300.0
     shutdown_grace: float = 10.0
+    previous_secret: str | None = field(default=None, repr=False)  # valid too while rotating
+    state_file: Path = Path(DEFAULT_WEBHOOK_STATE)  # deliveries seen (replay memory)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets a signature may be made with (the current one first)."""
+        return (self.secret,) + ((self.previous_secret,) if self.previous_secret else ())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WebhookSettings:
@@ -342,9 +351,21 @@ class WebhookSettings:
             max_queued=_int(env, "SMT_WEBHOOK_MAX_QUEUED", 20, minimum=1),
             retry_after=_int(env, "SMT_WEBHOOK_RETRY_AFTER", 30, minimum=1),
             signature=_choice(env, "SMT_WEBHOOK_SIGNATURE", SIGNATURE_MODES),
-            signature_window=_float(env, "SMT_WEBHOOK_SIGNATURE_WINDOW", 300.0, minimum=1.0),
+            signature_window=_signature_window(env),
             shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
+            previous_secret=_get(env, "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS"),
+            state_file=Path(_get(env, "SMT_WEBHOOK_STATE", DEFAULT_WEBHOOK_STATE) or ""),
         )
+
+
+def _signature_window(env: Mapping[str, str]) -> float:
+    window = _float(env, "SMT_WEBHOOK_SIGNATURE_WINDOW", MAX_SIGNATURE_WINDOW, minimum=1.0)
+    if window > MAX_SIGNATURE_WINDOW:
+        raise ConfigError(
+            f"SMT_WEBHOOK_SIGNATURE_WINDOW={window:g} is above {MAX_SIGNATURE_WINDOW:g} seconds: "
+            "a longer window makes captured requests replayable for longer"
+        )
+    return window
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,19 @@ reaches a shell; the request fields travel only as JSON in the spool file.
 
 Auth: one of ``x-intelliwatt-secret``, ``x-smt-secret``, ``x-webhook-secret`` equal to
 ``INTELLIWATT_WEBHOOK_SECRET`` (constant time). With ``SMT_WEBHOOK_SIGNATURE=accept`` a caller
-may instead sign: ``x-smt-timestamp: <unix seconds>`` and
-``x-smt-signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>``, accepted within
-``SMT_WEBHOOK_SIGNATURE_WINDOW`` seconds of the server's clock; ``require`` makes the signature
-mandatory.
+may instead sign (Standard Webhooks, or the own ``x-smt-signature`` scheme:
+:mod:`smt_droplet.signatures`), within ``SMT_WEBHOOK_SIGNATURE_WINDOW`` (at most 300) seconds of
+the server's clock in both directions, each delivery once (a replay is 409, also after a
+restart: ``SMT_WEBHOOK_STATE``); ``require`` makes the signature mandatory. During a secret
+rotation ``INTELLIWATT_WEBHOOK_SECRET_PREVIOUS`` is accepted for signatures too.
+
+The queue cap (``SMT_WEBHOOK_MAX_QUEUED``) counts the requests in the spool plus those being
+accepted right now, so concurrent triggers cannot overshoot it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import re
@@ -39,12 +41,18 @@ from .httpserver import (
     set_outcome,
 )
 from .outcomes import ExitCode
+from .signatures import (
+    ReplayGuard,
+    ReplayStoreError,
+    SignatureError,
+    Verified,
+    verify,
+)
 
 log = logging.getLogger("smt_droplet.webhook")
 
 SECRET_HEADERS = ("x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret")
-TIMESTAMP_HEADER = "x-smt-timestamp"
-SIGNATURE_HEADER = "x-smt-signature"
+SIGNATURE_HEADERS = ("x-smt-signature", "webhook-signature")
 MAX_REASON = 200
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -103,18 +111,19 @@ def parse_trigger(body: bytes) -> Trigger:
     return Trigger(reason=reason, esiid=esiid, meter=meter, force_repost=force)
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The ``x-smt-signature`` value a caller sends: ``sha256=<hex>``."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
 class WebhookService:
-    """The handlers; holds the settings (no module-level state)."""
+    """The handlers; holds the settings, the replay memory and the in-flight queue slots."""
 
-    def __init__(self, settings: WebhookSettings, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        clock: Any = time.time,
+        replay: ReplayGuard | None = None,
+    ) -> None:
         self.settings = settings
         self._clock = clock
+        self._replay = replay
+        self._in_flight = 0  # accepted triggers not yet written to the spool
 
     def _secret_ok(self, request: web.Request) -> bool:
         ok = False
@@ -123,16 +132,20 @@ class WebhookService:
             ok |= secrets_equal(request.headers.get(name), self.settings.secret)
         return ok
 
-    def _signature_ok(self, request: web.Request, body: bytes) -> bool:
-        stamp = request.headers.get(TIMESTAMP_HEADER, "")
-        given = request.headers.get(SIGNATURE_HEADER, "")
-        try:
-            age = abs(self._clock() - float(stamp))
-        except ValueError:
-            return False
-        if age > self.settings.signature_window:
-            return False
-        return secrets_equal(given, sign(self.settings.secret, stamp, body))
+    def _verify(self, request: web.Request, body: bytes) -> Verified:
+        """A valid, fresh, first-time signature, or :class:`SignatureError`."""
+        verified = verify(
+            request.headers,
+            body,
+            self.settings.secrets,
+            self._clock(),
+            self.settings.signature_window,
+        )
+        if verified is None:
+            raise SignatureError("no signature")
+        if self._replay is not None and not self._replay.first_time(verified.delivery):
+            raise ReplayedError("this delivery was already accepted")
+        return verified
 
     async def _read_capped(self, request: web.Request) -> bytes | None:
         """The body, or ``None`` as soon as it exceeds the cap (the rest is not read)."""
@@ -150,18 +163,10 @@ class WebhookService:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def trigger(self, request: web.Request) -> web.Response:
-        mode = self.settings.signature
-        secret_ok = self._secret_ok(request) and mode != "require"
-        has_signature = SIGNATURE_HEADER in request.headers
-        if not secret_ok and (mode == "off" or not has_signature):
-            return json_error(request, 401, "unauthorized", "missing or wrong webhook secret")
-
-        cap = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > cap:
-            return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
-
-        queued = spool.depth(self.settings.spool_dir)
+    def _queue_full(self, request: web.Request) -> web.Response | None:
+        """429 when the queue (written plus in flight) is at the cap; else take a slot. No await
+        between the check and the taking: concurrent triggers cannot overshoot the cap."""
+        queued = spool.depth(self.settings.spool_dir) + self._in_flight
         if queued >= self.settings.max_queued:
             return json_error(
                 request,
@@ -171,36 +176,77 @@ class WebhookService:
                 headers={"Retry-After": str(self.settings.retry_after)},
                 queued=queued,
             )
+        self._in_flight += 1
+        return None
 
+    async def trigger(self, request: web.Request) -> web.Response:
+        mode = self.settings.signature
+        secret_ok = self._secret_ok(request) and mode != "require"
+        signed = any(h in request.headers for h in SIGNATURE_HEADERS)
+        if not secret_ok and (mode == "off" or not signed):
+            return json_error(request, 401, "unauthorized", "missing or wrong webhook secret")
+
+        cap = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > cap:
+            return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
+        full = self._queue_full(request)
+        if full is not None:
+            return full
+        try:
+            return await self._accept(request, secret_ok)
+        finally:
+            self._in_flight -= 1
+
+    async def _accept(self, request: web.Request, secret_ok: bool) -> web.Response:
+        cap = self.settings.max_body_bytes
         body = await self._read_capped(request)
         if body is None:
             return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
-        if not secret_ok and not self._signature_ok(request, body):
-            return json_error(request, 401, "unauthorized", "bad or expired signature")
+        verified: Verified | None = None
+        if not secret_ok:
+            try:
+                verified = self._verify(request, body)
+            except ReplayedError as exc:
+                return json_error(request, 409, "replayed", str(exc))
+            except SignatureError as exc:
+                return json_error(request, 401, "unauthorized", f"bad or expired signature: {exc}")
+            except ReplayStoreError as exc:
+                log.error("%s", exc)
+                return json_error(request, 503, "replay_memory_unavailable", "try again later")
         try:
             trigger = parse_trigger(body)
         except TriggerError as exc:
+            self._forget(verified)
             return json_error(request, 400, exc.code, exc.message)
-
-        loop = asyncio.get_running_loop()
         try:
-            queued_request = await loop.run_in_executor(
-                None,
-                lambda: spool.enqueue(
-                    self.settings.spool_dir,
-                    "webhook",
-                    reason=trigger.reason,
-                    esiid=trigger.esiid,
-                    meter=trigger.meter,
-                    force_repost=trigger.force_repost,
-                    extra={"client": request.remote or ""},
-                ),
+            queued = await asyncio.get_running_loop().run_in_executor(
+                None, self._enqueue, trigger, request.remote or ""
             )
         except spool.SpoolError as exc:
             log.error("cannot queue ingest request: %s", exc)
+            self._forget(verified)
             return json_error(request, 503, "spool_unavailable", "cannot queue the request")
-        set_outcome(request, f"queued:{queued_request.id}")
-        return web.json_response({"ok": True, "queued": True, "id": queued_request.id}, status=202)
+        set_outcome(request, f"queued:{queued.id}")
+        return web.json_response({"ok": True, "queued": True, "id": queued.id}, status=202)
+
+    def _enqueue(self, trigger: Trigger, client: str) -> spool.Request:
+        return spool.enqueue(
+            self.settings.spool_dir,
+            "webhook",
+            reason=trigger.reason,
+            esiid=trigger.esiid,
+            meter=trigger.meter,
+            force_repost=trigger.force_repost,
+            extra={"client": client},
+        )
+
+    def _forget(self, verified: Verified | None) -> None:
+        """A signed delivery that was not queued may be sent again."""
+        if verified is not None and self._replay is not None:
+            try:
+                self._replay.forget(verified.delivery)
+            except ReplayStoreError as exc:
+                log.error("%s", exc)
 
     async def health(self, request: web.Request) -> web.Response:
         set_outcome(request, "health")
@@ -214,8 +260,14 @@ class WebhookService:
         )
 
 
-def make_app(settings: WebhookSettings, tracker: RequestTracker) -> web.Application:
-    service = WebhookService(settings)
+class ReplayedError(SignatureError):
+    """A valid signature of a delivery that was already accepted."""
+
+
+def make_app(
+    settings: WebhookSettings, tracker: RequestTracker, replay: ReplayGuard | None = None
+) -> web.Application:
+    service = WebhookService(settings, replay=replay)
     # client_max_size backs up the streaming cap for anything that calls request.read().
     app = web.Application(middlewares=[tracker.middleware], client_max_size=settings.max_body_bytes)
     app.router.add_post("/trigger/smt-now", service.trigger)
@@ -231,9 +283,16 @@ def serve(env: Mapping[str, str]) -> int:
     except OSError as exc:
         log.error("spool %s is not usable: %s", settings.spool_dir, exc.strerror or exc)
         return ExitCode.CONFIG
+    replay: ReplayGuard | None = None
+    if settings.signature != "off":
+        try:
+            replay = ReplayGuard(settings.state_file, settings.signature_window)
+        except ReplayStoreError as exc:
+            log.error("%s", exc)
+            return ExitCode.CONFIG
     tracker = RequestTracker()
     return run_app(
-        make_app(settings, tracker),
+        make_app(settings, tracker, replay),
         tracker,
         name="webhook-server",
         bind=settings.bind,
