@@ -401,6 +401,58 @@ def test_malformed_env_file_line_exits_2_naming_file_and_line(
     assert webapp.requests() == [] and sshd_connections(sftp_peer) == seen
 
 
+def test_env_file_syntax_error_names_the_key_never_the_value(
+    env, sftp_peer, webapp, tmp_path: Path
+) -> None:
+    """A ``KEY: value`` line (YAML habits) used to print 40 characters of it: the token."""
+    env_file = tmp_path / "intelliwatt-smt"
+    lines = [f"{k}={v}" for k, v in env.items() if k != "ADMIN_TOKEN"]
+    lines.insert(2, f"ADMIN_TOKEN: {env['ADMIN_TOKEN']}")  # line 3
+    env_file.write_text("\n".join(lines) + "\n")
+    proc = cli(["ingest", "--env-file", str(env_file)], {})
+    assert proc.returncode == 2, proc.stderr
+    assert f"{env_file}:3:" in proc.stderr and "ADMIN_TOKEN" in proc.stderr
+    assert env["ADMIN_TOKEN"] not in proc.stderr
+    assert env["ADMIN_TOKEN"][:8] not in proc.stderr
+    assert webapp.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ({"ADMIN_TOKEN": "tok\u00e9n-with-an-accent-0123456789"}, "non-ASCII character"),
+        ({"ADMIN_TOKEN": "token-line-one\ntoken-line-two"}, "control character"),
+        ({"ADMIN_TOKEN": "t\u2013dash-is-not-latin-1"}, "non-ASCII character"),
+        ({"INTELLIWATT_BASE_URL": "http://app.example.com"}, "SMT_ALLOW_HTTP=1"),
+        ({"INTELLIWATT_BASE_URL": "ftp://app.example.com"}, "must start with https://"),
+        ({"STATE_FILE": "{inbox}"}, "is a directory"),
+    ],
+)
+def test_bad_secrets_urls_and_state_file_exit_2_before_any_traffic(
+    env, sftp_peer, webapp, inbox, override: dict[str, str], says: str
+) -> None:
+    bad = {k: v.format(inbox=inbox) for k, v in override.items()}
+    seen = sshd_connections(sftp_peer)
+    proc = cli(["ingest"], {**env, **bad})
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    if "ADMIN_TOKEN" in bad:
+        assert bad["ADMIN_TOKEN"] not in proc.stderr
+    assert webapp.requests() == [] and sshd_connections(sftp_peer) == seen
+
+
+def test_plain_http_is_accepted_for_loopback_and_by_explicit_opt_in(env, inbox) -> None:
+    from smt_droplet.config import ConfigError, PostSettings
+
+    assert PostSettings.from_env(env).base_url.startswith("http://127.0.0.1:")
+    remote = {**env, "INTELLIWATT_BASE_URL": "http://app.example.com"}
+    with pytest.raises(ConfigError):
+        PostSettings.from_env(remote)
+    assert PostSettings.from_env({**remote, "SMT_ALLOW_HTTP": "1"}).base_url == (
+        "http://app.example.com"
+    )
+
+
 def test_unusable_key_exits_2_before_any_connection(
     env, sftp_peer, webapp, smt_csv, inbox, tmp_path: Path
 ) -> None:

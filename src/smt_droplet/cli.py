@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import __version__
 from .config import ConfigError
 from .envfile import EnvFileError, load_environment
+from .logsafety import protect_logging, secrets_in
 from .outcomes import ExitCode
 
 log = logging.getLogger("smt_droplet")
@@ -109,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         env = load_environment(args.env_file)
+        protect_logging(secrets_in(env))  # before anything can log a request or a setting
         return int(args.handler(args, env))
     except (ConfigError, EnvFileError) as exc:
         log.error("configuration error: %s", exc)

@@ -12,6 +12,7 @@ additions. The Ansible modules take the same names in lower case and build the s
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,52 @@ def _require(env: Mapping[str, str], name: str) -> str:
     if value is None:
         raise ConfigError(f"{name} is not set")
     return value
+
+
+def _header_secret(name: str, value: str | None) -> str | None:
+    """A token or secret that travels in an HTTP header: visible ASCII only. A non-latin-1
+    character cannot be sent at all, and a newline or tab (a value copied with its line end)
+    would fail every request; the error says where, never what."""
+    if value is None:
+        return None
+    for position, ch in enumerate(value, start=1):
+        if not ("!" <= ch <= "~"):
+            kind = "a space or control character" if ord(ch) < 0x80 else "a non-ASCII character"
+            raise ConfigError(
+                f"{name} contains {kind} at position {position} of {len(value)}; "
+                "tokens and secrets must be printable ASCII"
+            )
+    return value
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def _base_url(env: Mapping[str, str]) -> str:
+    """``INTELLIWATT_BASE_URL``: https, or plain http to a loopback address (test doubles) or with
+    ``SMT_ALLOW_HTTP=1`` (insecure: the admin token then crosses the network in clear)."""
+    base_url = _require(env, "INTELLIWATT_BASE_URL")
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return base_url
+    if parsed.scheme == "http" and parsed.hostname:
+        loopback = parsed.hostname in _LOOPBACK_HOSTS or parsed.hostname.startswith("127.")
+        if loopback or _flag(env, "SMT_ALLOW_HTTP"):
+            return base_url
+        raise ConfigError(
+            f"INTELLIWATT_BASE_URL={base_url!r} is plain http to a non-loopback host: the admin "
+            "token would travel in clear. Use https://, or set SMT_ALLOW_HTTP=1 deliberately"
+        )
+    raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (_get(env, name) or "").lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -115,6 +162,8 @@ def check_state_dir(path: Path) -> None:
     """Fail before any network traffic if the ledger cannot be written (exit 2): a POST the
     app accepted but we cannot record would be re-posted on every pass."""
     parent = Path(path).parent
+    if Path(path).is_dir():
+        raise ConfigError(f"STATE_FILE={path} is a directory; it must name the ledger file")
     if not parent.is_dir():
         raise ConfigError(f"STATE_FILE={path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (
@@ -264,12 +313,9 @@ class PostSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PostSettings:
-        base_url = _require(env, "INTELLIWATT_BASE_URL")
-        if not base_url.startswith(("https://", "http://")):
-            raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
         return cls(
-            base_url=base_url,
-            admin_token=_require(env, "ADMIN_TOKEN"),
+            base_url=_base_url(env),
+            admin_token=_header_secret("ADMIN_TOKEN", _require(env, "ADMIN_TOKEN")) or "",
             local_dir=Path(_require(env, "SMT_LOCAL_DIR")),
             state_file=state_file(env),
             source=_get(env, "SOURCE_TAG", "adhocusage") or "adhocusage",
@@ -335,7 +381,7 @@ class WebhookSettings:
     def from_env(cls, env: Mapping[str, str]) -> WebhookSettings:
         secret = None
         for name in WEBHOOK_SECRET_NAMES:
-            secret = _get(env, name)
+            secret = _header_secret(name, _get(env, name))
             if secret is not None:
                 break
         if secret is None:
@@ -353,7 +399,10 @@ class WebhookSettings:
             signature=_choice(env, "SMT_WEBHOOK_SIGNATURE", SIGNATURE_MODES),
             signature_window=_signature_window(env),
             shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
-            previous_secret=_get(env, "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS"),
+            previous_secret=_header_secret(
+                "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS",
+                _get(env, "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS"),
+            ),
             state_file=Path(_get(env, "SMT_WEBHOOK_STATE", DEFAULT_WEBHOOK_STATE) or ""),
         )
 
@@ -405,7 +454,7 @@ class UploadSettings:
             spool_dir=spool_dir(env),
             state_db=Path(_get(env, "SMT_UPLOAD_STATE", DEFAULT_UPLOAD_STATE) or ""),
             state_file=state_file(env),
-            token=_get(env, "SMT_UPLOAD_TOKEN"),
+            token=_header_secret("SMT_UPLOAD_TOKEN", _get(env, "SMT_UPLOAD_TOKEN")),
             bind=_bind(env, "SMT_UPLOAD_BIND"),
             port=_port(env, "SMT_UPLOAD_PORT", 8080),
             max_bytes=_int(env, "SMT_UPLOAD_MAX_BYTES", 25 * 1024 * 1024, minimum=1),

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_LEADING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class EnvFileError(ValueError):
@@ -39,9 +40,19 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
         key, sep, value = stripped.partition("=")
         key = key.strip()
         if not sep or not _KEY.match(key):
-            raise EnvFileError(f"{source}:{lineno}: expected KEY=value, got {stripped[:40]!r}")
+            raise EnvFileError(
+                f"{source}:{lineno}: expected KEY=value {_what_it_starts_with(stripped)}"
+            )
         result[key] = _unquote(value.strip(), f"{source}:{lineno}")
     return result
+
+
+def _what_it_starts_with(line: str) -> str:
+    """Names the variable a malformed line seems to set, never its value (it may be a secret)."""
+    name = _LEADING_NAME.match(line)
+    if name and _KEY.match(name.group(0)):
+        return f"(the line for {name.group(0)} has no '=' right after the name)"
+    return "(the line does not start with a variable name)"
 
 
 def _unquote(value: str, where: str) -> str:
@@ -74,6 +85,10 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         raise EnvFileError(
             f"cannot read environment file {os.fspath(path)}: {exc.strerror}"
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise EnvFileError(
+            f"environment file {os.fspath(path)} is not UTF-8 text (byte {exc.start})"
+        ) from None
     return parse_env_text(text, os.fspath(path))
 
 

@@ -1,0 +1,146 @@
+"""Log lines that can neither leak a secret nor flood the journal.
+
+Three filters, installed once per process by :func:`protect_logging` (``cli.main`` does it as
+soon as the settings are known):
+
+* :class:`SecretRedactor`, on every handler of the root logger: any configured secret (the
+  values of :data:`SECRET_NAMES`) is replaced by ``[redacted]`` in the message, its arguments
+  and the formatted traceback — whichever library logged it.
+* :class:`MalformedRequestSummary`, on aiohttp's server logger: a request the HTTP parser refused
+  (a header line with a stray CR, a bad status line...) is logged as one line naming the error
+  class, never the raw bytes aiohttp quotes (which may hold a token).
+* :class:`FloodGate`, on the library loggers that one client can make talk (aiohttp's server and
+  web loggers, asyncio): at most ``burst`` records per ``interval`` seconds each, then one line
+  saying how many were suppressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+SECRET_NAMES = (
+    "ADMIN_TOKEN",
+    "INTELLIWATT_WEBHOOK_SECRET",
+    "DROPLET_WEBHOOK_SECRET",
+    "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS",
+    "SMT_UPLOAD_TOKEN",
+    "SMT_UPLOAD_TICKET_SECRET",
+    "SMT_UPLOAD_TICKET_SECRET_PREVIOUS",
+)
+REDACTED = "[redacted]"
+MIN_SECRET_LENGTH = 6  # shorter values would redact ordinary words
+NOISY_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "asyncio")
+
+
+def secrets_in(env: Mapping[str, str]) -> list[str]:
+    """The configured secrets (stripped, as the settings read them)."""
+    found = []
+    for name in SECRET_NAMES:
+        value = (env.get(name) or "").strip()
+        if len(value) >= MIN_SECRET_LENGTH:
+            found.append(value)
+    return found
+
+
+class SecretRedactor(logging.Filter):
+    """Replaces every configured secret in a record (message, arguments, traceback)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len)[::-1]
+
+    def _scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args = self._scrub(message), None
+        record.exc_info = None  # the scrubbed exc_text is what the handler prints
+        if record.exc_text:
+            record.exc_text = self._scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._scrub(record.stack_info)
+        return True
+
+
+class MalformedRequestSummary(logging.Filter):
+    """aiohttp's "Error handling request" for a request its parser refused → one short line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _is_parser_error(exc):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
+        status = getattr(exc, "code", 400)
+        record.msg = "refused a malformed HTTP request from %s: %s (%s)"
+        record.args = (peer, type(exc).__name__, status)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _is_parser_error(exc: BaseException) -> bool:
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:  # pragma: no cover - the servers always have aiohttp
+        return False
+    return isinstance(exc, HttpProcessingError)
+
+
+class FloodGate(logging.Filter):
+    """At most ``burst`` records per ``interval`` seconds; then one line per interval saying how
+    many were dropped."""
+
+    def __init__(
+        self, burst: int = 20, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.burst, self.interval, self._clock = burst, interval, clock
+        self._window_start = -interval
+        self._passed = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if now - self._window_start >= self.interval:
+            dropped, self._dropped = self._dropped, 0
+            self._window_start, self._passed = now, 0
+            if dropped:
+                record.msg = f"{record.getMessage()} ({dropped} similar messages suppressed)"
+                record.args = None
+        if self._passed >= self.burst:
+            self._dropped += 1
+            return False
+        self._passed += 1
+        return True
+
+
+_installed: list[tuple[logging.Filterer, logging.Filter]] = []
+
+
+def protect_logging(secrets: Iterable[str]) -> None:
+    """Install the filters (again: the previous ones are removed first)."""
+    for owner, installed in _installed:
+        owner.removeFilter(installed)
+    _installed.clear()
+    redactor = SecretRedactor(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redactor)
+        _installed.append((handler, redactor))
+    server = logging.getLogger("aiohttp.server")
+    summary = MalformedRequestSummary()
+    server.addFilter(summary)
+    _installed.append((server, summary))
+    for name in NOISY_LOGGERS:
+        gate = FloodGate()
+        logging.getLogger(name).addFilter(gate)
+        _installed.append((logging.getLogger(name), gate))
