@@ -140,3 +140,97 @@ def test_flood_gate_passes_a_burst_then_counts_what_it_dropped() -> None:
     now[0] = 10.5
     first = record()
     assert gate.filter(first) and first.getMessage() == "boom (7 similar messages suppressed)"
+
+
+# -- connection limits (connguard.py) ------------------------------------------------------
+
+
+def half_header(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /trigger/smt-now HTTP/1.1\r\nHost: x\r\nx-smt-secret: ")
+    return sock
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def health_from(port: int, source: str) -> int:
+    """GET /health from another loopback source address (another client, for the caps)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return int(s.recv(64).split(b" ")[1])
+
+
+def test_slow_headers_are_cut_off_and_caps_keep_the_server_answering(tmp_path: Path) -> None:
+    server = ServerProcess(
+        "webhook-server",
+        {
+            "INTELLIWATT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "SMT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SMT_WEBHOOK_BIND": "127.0.0.1",
+            "SMT_WEBHOOK_PORT": "0",
+            "SMT_SHUTDOWN_GRACE": "1",
+            "SMT_HTTP_HEADER_TIMEOUT": "1",
+            "SMT_HTTP_MAX_PER_CLIENT": "40",
+            "SMT_HTTP_MAX_CONNECTIONS": "60",
+        },
+        tmp_path / "guard.log",
+    ).start()
+    socks: list[socket.socket] = []
+    try:
+        socks = [half_header(server.port) for _ in range(100)]
+        started = time.monotonic()
+        refused = [s for s in socks[40:] if closed_by_server(s, 0.5)]
+        assert len(refused) == 60  # over the per-client cap: closed at once
+        assert health_from(server.port, "127.0.0.2") == 200  # another client is served
+        # The 40 slow ones are closed by the header timeout (1 s), not held forever.
+        assert all(closed_by_server(s, 3.0) for s in socks[:40])
+        assert time.monotonic() - started < 4.0
+        assert health_from(server.port, "127.0.0.1") == 200  # the slot came back
+        log = server.log()
+        assert 1 <= log.count("no complete request header within 1s") <= 10  # flood-gated
+        assert 1 <= log.count("refused a connection from 127.0.0.1") <= 10
+        assert "Traceback" not in log
+    finally:
+        for sock in socks:
+            sock.close()
+        server.ensure_stopped()
+
+
+def test_a_complete_request_is_not_cut_by_the_header_timeout(tmp_path: Path) -> None:
+    """The timer covers the header only: a slow body and a kept-alive second request are fine."""
+    server = ServerProcess(
+        "webhook-server",
+        {
+            "INTELLIWATT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "SMT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SMT_WEBHOOK_BIND": "127.0.0.1",
+            "SMT_WEBHOOK_PORT": "0",
+            "SMT_HTTP_HEADER_TIMEOUT": "1",
+        },
+        tmp_path / "slowbody.log",
+    ).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            body = b'{"reason": "slow but steady"}'
+            head = (
+                "POST /trigger/smt-now HTTP/1.1\r\nHost: x\r\n"
+                f"x-smt-secret: {WEBHOOK_SECRET}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            for i in range(0, len(body), 10):
+                time.sleep(0.5)  # 1.5 s for the body, longer than the header timeout
+                sock.sendall(body[i : i + 10])
+            assert b" 202 " in sock.recv(4096)[:16]
+            time.sleep(0.3)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # same connection
+            assert b" 200 " in sock.recv(4096)[:16]
+    finally:
+        server.ensure_stopped()

@@ -390,7 +390,7 @@ def test_standard_webhooks_signatures_with_rotation(tmp_path: Path) -> None:
 
 
 def test_the_queue_cap_holds_under_concurrent_triggers(tmp_path: Path) -> None:
-    hook = Hook(tmp_path, SMT_WEBHOOK_MAX_QUEUED="20")
+    hook = Hook(tmp_path, SMT_WEBHOOK_MAX_QUEUED="20", SMT_HTTP_MAX_PER_CLIENT="512")
     server = hook.start()
     try:
         with ThreadPoolExecutor(max_workers=64) as pool:

@@ -341,6 +341,28 @@ UPLOAD_ROLES = ("admin", "customer")
 DEFAULT_UPLOAD_STATE = "/var/lib/smt-upload/ratelimit.sqlite3"
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client may hold of a server (``connguard.py``); the same for both servers."""
+
+    header_timeout: float = 10.0  # SMT_HTTP_HEADER_TIMEOUT: a request header within this
+    max_connections: int = 512  # SMT_HTTP_MAX_CONNECTIONS: open connections in total
+    max_per_client: int = 64  # SMT_HTTP_MAX_PER_CLIENT: open connections per client address
+    keepalive_timeout: float = 15.0  # SMT_HTTP_KEEPALIVE_TIMEOUT: an idle kept-alive connection
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
+        limits = cls(
+            header_timeout=_float(env, "SMT_HTTP_HEADER_TIMEOUT", 10.0, minimum=0.5),
+            max_connections=_int(env, "SMT_HTTP_MAX_CONNECTIONS", 512, minimum=1),
+            max_per_client=_int(env, "SMT_HTTP_MAX_PER_CLIENT", 64, minimum=1),
+            keepalive_timeout=_float(env, "SMT_HTTP_KEEPALIVE_TIMEOUT", 15.0, minimum=0.5),
+        )
+        if limits.max_per_client > limits.max_connections:
+            raise ConfigError("SMT_HTTP_MAX_PER_CLIENT is above SMT_HTTP_MAX_CONNECTIONS")
+        return limits
+
+
 def _bind(env: Mapping[str, str], name: str) -> str:
     value = _get(env, name, "0.0.0.0") or "0.0.0.0"  # noqa: S104 - a front door; UFW limits it
     if any(ch.isspace() for ch in value):
@@ -371,6 +393,7 @@ class WebhookSettings:
     shutdown_grace: float = 10.0
     previous_secret: str | None = field(default=None, repr=False)  # valid too while rotating
     state_file: Path = Path(DEFAULT_WEBHOOK_STATE)  # deliveries seen (replay memory)
+    limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -404,6 +427,7 @@ class WebhookSettings:
                 _get(env, "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS"),
             ),
             state_file=Path(_get(env, "SMT_WEBHOOK_STATE", DEFAULT_WEBHOOK_STATE) or ""),
+            limits=ConnectionLimits.from_env(env),
         )
 
 
@@ -437,6 +461,7 @@ class UploadSettings:
     cors_origin: str | None = None
     body_timeout: float = 600.0
     shutdown_grace: float = 10.0
+    limits: ConnectionLimits = ConnectionLimits()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> UploadSettings:
@@ -468,4 +493,5 @@ class UploadSettings:
             cors_origin=cors.rstrip("/") if cors else None,
             body_timeout=_float(env, "SMT_UPLOAD_BODY_TIMEOUT", 600.0, minimum=1.0),
             shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
+            limits=ConnectionLimits.from_env(env),
         )

@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .config import ConnectionLimits
+from .connguard import ConnectionGuard
 from .outcomes import ExitCode
 
 log = logging.getLogger("smt_droplet.http")
@@ -164,6 +166,29 @@ def _runner_and_site_kwargs(grace: float) -> tuple[dict[str, Any], dict[str, Any
     return {}, {"shutdown_timeout": grace}
 
 
+class _GuardedServer:
+    """aiohttp's ``Server`` (the protocol factory), each connection passed through the guard."""
+
+    def __init__(self, server: Any, guard: ConnectionGuard) -> None:
+        self._server = server
+        self._factory = guard.wrap(server)
+
+    def __call__(self) -> asyncio.Protocol:
+        return self._factory()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _GuardedRunner(web.AppRunner):
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> Any:
+        return _GuardedServer(await super()._make_server(), self.guard)
+
+
 async def _serve(
     app: web.Application,
     tracker: RequestTracker,
@@ -173,9 +198,17 @@ async def _serve(
     grace: float,
     describe: str,
     on_stop: Callable[[], None] | None,
+    limits: ConnectionLimits,
 ) -> int:
     runner_kw, site_kw = _runner_and_site_kwargs(min(grace, 1.0))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_kw)
+    runner = _GuardedRunner(
+        app,
+        ConnectionGuard(limits),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=limits.keepalive_timeout,
+        **runner_kw,
+    )
     await runner.setup()
     site = web.TCPSite(runner, bind, port, reuse_address=True, **site_kw)
     try:
@@ -236,8 +269,11 @@ def run_app(
     grace: float,
     describe: str = "",
     on_stop: Callable[[], None] | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> int:
-    """Serve ``app`` until SIGTERM/SIGINT; returns the process exit code (0 after a clean stop)."""
+    """Serve ``app`` until SIGTERM/SIGINT; returns the process exit code (0 after a clean stop).
+    Every connection goes through a :class:`~smt_droplet.connguard.ConnectionGuard`."""
+    limits = limits or ConnectionLimits()
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_serve(app, tracker, name, bind, port, grace, describe, on_stop))
+        return asyncio.run(_serve(app, tracker, name, bind, port, grace, describe, on_stop, limits))
     return ExitCode.OK

@@ -97,30 +97,32 @@ def _is_parser_error(exc: BaseException) -> bool:
 
 
 class FloodGate(logging.Filter):
-    """At most ``burst`` records per ``interval`` seconds; then one line per interval saying how
-    many were dropped."""
+    """At most ``burst`` records of one kind (the same format string) per ``interval`` seconds;
+    the first one after a quiet spell says how many were dropped."""
 
     def __init__(
         self, burst: int = 20, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__()
         self.burst, self.interval, self._clock = burst, interval, clock
-        self._window_start = -interval
-        self._passed = 0
-        self._dropped = 0
+        self._kinds: dict[str, list[float]] = {}  # format string → [window start, passed, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = self._clock()
-        if now - self._window_start >= self.interval:
-            dropped, self._dropped = self._dropped, 0
-            self._window_start, self._passed = now, 0
+        kind = str(record.msg)[:200]
+        state = self._kinds.get(kind)
+        if state is None or now - state[0] >= self.interval:
+            dropped = int(state[2]) if state else 0
+            if len(self._kinds) > 1000:  # one client cannot grow this without bound either
+                self._kinds.clear()
+            state = self._kinds[kind] = [now, 0, 0]
             if dropped:
                 record.msg = f"{record.getMessage()} ({dropped} similar messages suppressed)"
                 record.args = None
-        if self._passed >= self.burst:
-            self._dropped += 1
+        if state[1] >= self.burst:
+            state[2] += 1
             return False
-        self._passed += 1
+        state[1] += 1
         return True
 
 

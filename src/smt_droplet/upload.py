@@ -371,6 +371,7 @@ def serve(env: Mapping[str, str]) -> int:
         bind=settings.bind,
         port=settings.port,
         grace=settings.shutdown_grace,
+        limits=settings.limits,
         describe=(
             f"inbox={settings.inbox} spool={settings.spool_dir} max_bytes={settings.max_bytes} "
             f"token={'set' if settings.token else 'unset'} limiter={settings.state_db} "

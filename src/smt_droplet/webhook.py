@@ -298,6 +298,7 @@ def serve(env: Mapping[str, str]) -> int:
         bind=settings.bind,
         port=settings.port,
         grace=settings.shutdown_grace,
+        limits=settings.limits,
         describe=(
             f"spool={settings.spool_dir} max_queued={settings.max_queued} "
             f"signature={settings.signature}"
