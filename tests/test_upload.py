@@ -188,7 +188,10 @@ def test_esiid_and_meter_fields_reach_the_spool_request(box: Box, server: Server
 def test_health_and_unknown_routes(box: Box, server: ServerProcess) -> None:
     r = requests.get(server.url("/health"), timeout=5)
     assert r.status_code == 200
+    assert r.json() == {"ok": True, "service": "smt-upload"}  # strangers learn nothing more
+    r = requests.get(server.url("/health"), headers={"x-smt-upload-token": TOKEN}, timeout=5)
     assert r.json()["ok"] is True and r.json()["queueDepth"] == 0
+    assert r.json()["checks"] == {"spool": True, "inbox": True, "limiter": True}
     assert requests.get(server.url("/nope"), timeout=5).status_code == 404
     assert requests.get(server.url("/upload"), timeout=5).status_code == 405
 
@@ -765,3 +768,52 @@ def test_upload_then_ingest_pass_posts_it_and_a_reupload_is_a_duplicate(
         assert box.queued() == [] and len([n for n in box.inbox_names() if n.endswith(".csv")]) == 1
     finally:
         server.ensure_stopped()
+
+
+def test_a_corrupt_limiter_makes_health_503(box: Box, server: ServerProcess) -> None:
+    """/health said ok while every upload failed with 503: it checks the limiter now."""
+    db = Path(box.env["SMT_UPLOAD_STATE"])
+    for path in db.parent.glob(db.name + "*"):
+        path.write_bytes(b"this is not a database" * 512)
+    r = requests.get(server.url("/health"), timeout=5)
+    assert r.status_code == 503 and r.json() == {"ok": False, "service": "smt-upload"}
+    r = requests.get(server.url("/health"), headers={"x-smt-upload-token": TOKEN}, timeout=5)
+    assert r.status_code == 503 and r.json()["checks"]["limiter"] is False
+    assert upload(server, csv_bytes(1)).status_code == 503
+
+
+def test_an_armored_pgp_upload_is_refused_and_nothing_is_stored(
+    box: Box, server: ServerProcess
+) -> None:
+    for armored in (
+        b"-----BEGIN PGP MESSAGE-----,x\n\nhQEMA0123\n-----END PGP MESSAGE-----\n",
+        b"\xef\xbb\xbf  -----BEGIN PGP MESSAGE-----, Version: 2\na,b\n",
+    ):  # first lines that pass the CSV sniff (a comma), then the armor check refuses them
+        r = upload(server, armored, name="IntervalMeterUsage_10443720000000099.csv")
+        assert r.status_code == 415 and r.json()["error"] == "pgp_not_accepted", r.text
+    assert box.inbox_names() == [] and box.queued() == []
+
+
+def test_ignored_fields_count_against_the_body_cap(box: Box, server: ServerProcess) -> None:
+    """12 MB of ignored, chunked form fields used to pass a 200 KB cap."""
+
+    def body():
+        boundary = "b0undary"
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '.encode()
+        yield b'filename="u.csv"\r\nContent-Type: text/csv\r\n\r\n' + csv_bytes(3) + b"\r\n"
+        for i in range(200):  # 200 ignored fields of 60 KB each, sent chunked
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="x{i}"\r\n\r\n'.encode()
+            yield b"z" * 60_000 + b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    r = requests.post(
+        server.url("/upload"),
+        data=body(),
+        headers={
+            "x-smt-upload-token": TOKEN,
+            "content-type": "multipart/form-data; boundary=b0undary",
+        },
+        timeout=30,
+    )
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large", r.text
+    assert box.inbox_names() == [] and box.queued() == []

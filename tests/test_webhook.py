@@ -245,15 +245,19 @@ def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
 def test_health_reports_queue_depth_and_last_ingest(hook: Hook, server: ServerProcess) -> None:
     r = requests.get(server.url("/health"), timeout=5)
     assert r.status_code == 200
+    assert r.json() == {"ok": True, "service": "smt-webhook"}  # details need the secret
+    auth = {"x-smt-secret": SECRET}
+    r = requests.get(server.url("/health"), headers=auth, timeout=5)
     assert r.json() == {
         "ok": True,
         "service": "smt-webhook",
         "queueDepth": 0,
         "lastIngest": None,
+        "checks": {"spool": True},
     }
     trigger(server)
     spool.write_last_result(hook.spool, {"exit_code": 0, "posted": 3})
-    r = requests.get(server.url("/health"), timeout=5)
+    r = requests.get(server.url("/health"), headers=auth, timeout=5)
     assert r.json()["queueDepth"] == 1
     assert r.json()["lastIngest"] == {"exit_code": 0, "posted": 3}
     assert requests.get(server.url("/trigger/smt-now"), timeout=5).status_code == 405

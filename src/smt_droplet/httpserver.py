@@ -14,9 +14,11 @@ import contextlib
 import hmac
 import inspect
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -64,6 +66,29 @@ class Reject(Exception):
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status)
         self.response = response
+
+
+def spool_writable(spool_dir: Path) -> bool:
+    """Whether this process can queue a request (the spool's tmp/ and queue/ are writable)."""
+    return all(os.access(spool_dir / sub, os.W_OK | os.X_OK) for sub in ("tmp", "queue"))
+
+
+def health_response(
+    request: web.Request,
+    service: str,
+    authorized: bool,
+    checks: dict[str, bool],
+    details: Callable[[], dict[str, Any]],
+) -> web.Response:
+    """``GET /health``: without credentials only whether the service can serve (200 or 503);
+    with them also ``details()`` and each check. Nothing about the box leaks to strangers."""
+    ok = all(checks.values())
+    set_outcome(request, "health" if ok else "health_degraded")
+    body: dict[str, Any] = {"ok": ok, "service": service}
+    if authorized:
+        body.update(details())
+        body["checks"] = checks
+    return web.json_response(body, status=200 if ok else 503)
 
 
 def set_outcome(request: web.Request, outcome: str, bytes_in: int | None = None) -> None:

@@ -62,6 +62,14 @@ class RateLimiter:
         except (OSError, sqlite3.Error) as exc:
             raise RateLimitError(f"cannot open the upload limiter database {path}: {exc}") from exc
 
+    def usable(self) -> bool:
+        """Whether the database answers a query (a corrupt or vanished file does not)."""
+        try:
+            self._db.execute("SELECT id FROM uploads LIMIT 1").fetchall()
+        except sqlite3.Error:
+            return False
+        return True
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +38,13 @@ from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
     Reject,
     RequestTracker,
+    health_response,
     json_error,
     log_access,
     run_app,
     secrets_equal,
     set_outcome,
+    spool_writable,
 )
 from .outcomes import ExitCode
 from .ratelimit import RateLimiter, RateLimitError
@@ -83,6 +86,7 @@ class _Attempt:
     esiid: str | None = None
     meter: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    field_bytes: int = 0  # every form field's bytes, kept or ignored: they count against the cap
 
 
 class UploadService:
@@ -137,13 +141,17 @@ class UploadService:
 
     # -- the body ----------------------------------------------------------------------------
 
-    async def _read_field(self, request: web.Request, part: BodyPartReader, cap: int) -> str:
+    async def _read_field(
+        self, request: web.Request, part: BodyPartReader, cap: int, attempt: _Attempt
+    ) -> str:
         data = bytearray()
         while True:
             chunk = await part.read_chunk(CHUNK)
             if not chunk:
                 break
             data += chunk
+            attempt.field_bytes += len(chunk)
+            self._check_body_cap(request, attempt)
             if len(data) > cap:
                 raise Reject(
                     json_error(
@@ -165,9 +173,11 @@ class UploadService:
                 file_seen = True
                 await self._receive_file(request, part, attempt)
             elif part.name in ("role", "accountKey", "esiid", "meter"):
-                attempt.fields[part.name] = await self._read_field(request, part, MAX_FIELD)
+                attempt.fields[part.name] = await self._read_field(
+                    request, part, MAX_FIELD, attempt
+                )
             else:
-                await self._read_field(request, part, MAX_EXTRA_FIELD)  # ignored, bounded
+                await self._read_field(request, part, MAX_EXTRA_FIELD, attempt)  # ignored
         if not file_seen:
             raise Reject(json_error(request, 400, "missing_file", "No file uploaded"))
         self.limits.reserve(request, attempt.fields, attempt.slot)  # fields after the file
@@ -176,6 +186,20 @@ class UploadService:
             attempt.meter = parse_meter(attempt.fields.get("meter"))
         except FieldError as exc:
             raise Reject(json_error(request, 400, exc.code, exc.message)) from None
+
+    def _check_body_cap(self, request: web.Request, attempt: _Attempt) -> None:
+        """The whole body (file and every field, even chunked ones) stays under the cap."""
+        size = attempt.field_bytes + (attempt.partial.size if attempt.partial else 0)
+        if size > self.settings.max_bytes + MULTIPART_SLACK:
+            raise Reject(
+                json_error(
+                    request,
+                    413,
+                    "body_too_large",
+                    f"the request body exceeds {self.settings.max_bytes} bytes",
+                    maxBytes=self.settings.max_bytes,
+                )
+            )
 
     async def _receive_file(
         self, request: web.Request, part: BodyPartReader, attempt: _Attempt
@@ -192,7 +216,8 @@ class UploadService:
                     originalName=attempt.original[:200],
                 )
             )
-        attempt.partial = await self.store.receive(request, part)
+        room = self.settings.max_bytes + MULTIPART_SLACK - attempt.field_bytes
+        attempt.partial = await self.store.receive(request, part, room)
 
     # -- after the body ----------------------------------------------------------------------
 
@@ -304,15 +329,24 @@ class UploadService:
         return web.Response(status=204, headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
-        set_outcome(request, "health")
-        return web.json_response(
-            {
-                "ok": True,
-                "service": "smt-upload",
-                "maxBytes": self.settings.max_bytes,
-                "queueDepth": spool.depth(self.settings.spool_dir),
-                "lastIngest": spool.read_last_result(self.settings.spool_dir),
-            }
+        settings = self.settings
+        token = settings.token
+        authorized = token is not None and secrets_equal(request.headers.get(TOKEN_HEADER), token)
+        checks = {
+            "spool": spool_writable(settings.spool_dir),
+            "inbox": os.access(settings.inbox, os.W_OK | os.X_OK),
+            "limiter": self.limits.limiter.usable(),
+        }
+        return health_response(
+            request,
+            "smt-upload",
+            authorized,
+            checks,
+            lambda: {
+                "maxBytes": settings.max_bytes,
+                "queueDepth": spool.depth(settings.spool_dir),
+                "lastIngest": spool.read_last_result(settings.spool_dir),
+            },
         )
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

@@ -28,6 +28,7 @@ from aiohttp import BodyPartReader, web
 from . import durable, filenames
 from .config import UploadSettings
 from .httpserver import Reject, json_error
+from .pgp_delivery import looks_armored
 
 log = logging.getLogger("smt_droplet.upload")
 
@@ -82,15 +83,22 @@ class InboxStore:
         self._ledger: set[str] = set()
         self._rename_lock = threading.Lock()
 
-    async def receive(self, request: web.Request, part: BodyPartReader) -> Partial:
-        """Sniff, then stream the file part into a new partial file (size-capped)."""
+    async def receive(
+        self, request: web.Request, part: BodyPartReader, room: int | None = None
+    ) -> Partial:
+        """Sniff, then stream the file part into a new partial file: at most
+        ``SMT_UPLOAD_MAX_BYTES``, and at most ``room`` (what the rest of the body left)."""
         head, at_eof = await _sniff(part)
         ok, why = looks_like_csv(head[:SNIFF_BYTES], at_eof)
         if not ok:
             raise Reject(json_error(request, 400, "not_csv", f"not a CSV upload: {why}"))
+        if looks_armored(head):  # PGP deliveries come from SMT's SFTP only, never as an upload
+            raise Reject(
+                json_error(request, 415, "pgp_not_accepted", "PGP messages cannot be uploaded")
+            )
         partial = self._open()
         try:
-            await self._stream(request, part, partial, head, at_eof)
+            await self._stream(request, part, partial, head, at_eof, room)
         except BaseException:  # too large, cut off, disk full, cancelled: nothing stays
             self.discard(partial)
             raise
@@ -103,8 +111,9 @@ class InboxStore:
         partial: Partial,
         head: bytes,
         at_eof: bool,
+        room: int | None,
     ) -> None:
-        max_bytes = self.settings.max_bytes
+        max_bytes = self.settings.max_bytes if room is None else min(room, self.settings.max_bytes)
         digest = hashlib.sha256()
         chunk = head
         while chunk:

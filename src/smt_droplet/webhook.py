@@ -35,10 +35,12 @@ from .config import WebhookSettings
 from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
     RequestTracker,
+    health_response,
     json_error,
     run_app,
     secrets_equal,
     set_outcome,
+    spool_writable,
 )
 from .outcomes import ExitCode
 from .signatures import (
@@ -249,14 +251,16 @@ class WebhookService:
                 log.error("%s", exc)
 
     async def health(self, request: web.Request) -> web.Response:
-        set_outcome(request, "health")
-        return web.json_response(
-            {
-                "ok": True,
-                "service": "smt-webhook",
-                "queueDepth": spool.depth(self.settings.spool_dir),
-                "lastIngest": spool.read_last_result(self.settings.spool_dir),
-            }
+        settings = self.settings
+        return health_response(
+            request,
+            "smt-webhook",
+            self._secret_ok(request),
+            {"spool": spool_writable(settings.spool_dir)},
+            lambda: {
+                "queueDepth": spool.depth(settings.spool_dir),
+                "lastIngest": spool.read_last_result(settings.spool_dir),
+            },
         )
 
 
