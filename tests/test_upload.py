@@ -18,9 +18,19 @@ from serverproc import ServerProcess, raw_request, run_once
 
 from smt_droplet import filenames
 from smt_droplet.config import UploadSettings
+from smt_droplet.tickets import mint
 from smt_droplet.upload_store import InboxStore, Partial, looks_like_csv
 
 TOKEN = "upload-token-for-tests"
+TICKET_SECRET = "ticket-secret-for-tests-0123456789"
+
+
+def ticket(role: str, account: str, max_bytes: int = 10_000_000, ttl: int = 600) -> dict[str, str]:
+    """The header a web-app user's browser sends (the app minted the ticket)."""
+    token = mint(TICKET_SECRET, role, account, int(time.time()) + ttl, max_bytes)
+    return {"x-smt-upload-ticket": token}
+
+
 STORED = re.compile(r"\A\d{8}T\d{6}_[A-Za-z0-9][A-Za-z0-9._-]*\.csv(\.\d+)?\Z")
 
 
@@ -80,6 +90,7 @@ class Box:
             "SMT_UPLOAD_BIND": "127.0.0.1",
             "SMT_UPLOAD_PORT": "0",
             "SMT_UPLOAD_TOKEN": TOKEN,
+            "SMT_UPLOAD_TICKET_SECRET": TICKET_SECRET,
             "SMT_UPLOAD_MAX_BYTES": "200000",
             "SMT_SHUTDOWN_GRACE": "1",
         }
@@ -149,7 +160,7 @@ def upload(
 
 def test_upload_is_stored_hashed_and_queued(box: Box, server: ServerProcess) -> None:
     data = csv_bytes(1)
-    r = upload(server, data, fields={"role": "admin", "accountKey": "ops-1"})
+    r = upload(server, data, token=None, headers=ticket("admin", "ops-1"))
     assert r.status_code == 202, r.text
     body = r.json()
     assert body["ok"] and body["stored"] and body["queued"]
@@ -368,8 +379,8 @@ def test_missing_file_field_and_non_multipart(box: Box, server: ServerProcess) -
         server.url("/upload"), data=b"a,b\n", headers={"x-smt-upload-token": TOKEN}, timeout=5
     )
     assert r.status_code == 415 and r.json()["error"] == "expected_multipart"
-    r = upload(server, csv_bytes(7), headers={"x-smt-upload-role": "root"})
-    assert r.status_code == 400 and r.json()["error"] == "bad_role"
+    r = upload(server, csv_bytes(7), token=None, headers={"x-smt-upload-ticket": "v1.x.y"})
+    assert r.status_code == 401 and r.json()["error"] == "bad_ticket"
     assert box.inbox_names() == []
 
 
@@ -431,7 +442,7 @@ def test_upload_cut_off_mid_body_leaves_nothing_behind(box: Box, server: ServerP
     assert box.inbox_names() == []
     assert box.queued() == []
     # The slot the cut-off upload reserved was given back.
-    r = upload(server, csv_bytes(10), headers={"x-smt-upload-role": "admin"})
+    r = upload(server, csv_bytes(10))
     assert r.json()["remaining"] == 49
 
 
@@ -537,13 +548,13 @@ def test_an_unreadable_ledger_does_not_block_uploads(tmp_path: Path) -> None:
 
 def test_51st_admin_upload_is_429_and_stays_429_after_a_restart(box: Box) -> None:
     server = box.start()
-    headers = {"x-smt-upload-role": "admin", "x-smt-upload-account-key": "ops"}
+    headers = ticket("admin", "ops")
     for i in range(50):
-        r = upload(server, csv_bytes(100 + i), headers=headers)
+        r = upload(server, csv_bytes(100 + i), token=None, headers=headers)
         assert r.status_code == 202, (i, r.text)
     assert r.json()["remaining"] == 0
     before = box.inbox_names()
-    r = upload(server, csv_bytes(200), headers=headers)
+    r = upload(server, csv_bytes(200), token=None, headers=headers)
     assert r.status_code == 429
     body = r.json()
     assert body["error"] == "rate_limited" and body["limit"] == 50 and body["remaining"] == 0
@@ -553,10 +564,10 @@ def test_51st_admin_upload_is_429_and_stays_429_after_a_restart(box: Box) -> Non
 
     assert server.stop() == 0
     server = box.start()
-    r = upload(server, csv_bytes(201), headers=headers)
+    r = upload(server, csv_bytes(201), token=None, headers=headers)
     assert r.status_code == 429
-    # Another account key has its own budget.
-    r = upload(server, csv_bytes(202), headers={**headers, "x-smt-upload-account-key": "ops2"})
+    # Another account (its own ticket) has its own budget.
+    r = upload(server, csv_bytes(202), token=None, headers=ticket("admin", "ops2"))
     assert r.status_code == 202
 
 
@@ -564,13 +575,13 @@ def test_spent_budget_is_refused_before_100_continue(tmp_path: Path) -> None:
     box = Box(tmp_path, SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT="1")
     server = box.start()
     try:
-        headers = {"x-smt-upload-role": "customer", "x-smt-upload-account-key": "home-7"}
-        assert upload(server, csv_bytes(25), headers=headers).status_code == 202
+        headers = ticket("customer", "home-7")
+        assert upload(server, csv_bytes(25), token=None, headers=headers).status_code == 202
         body = multipart([("file", "b.csv", csv_bytes(26))])
         head = post_head(
             server.port,
             len(body),
-            {"Expect": "100-continue", "x-smt-upload-token": TOKEN, **headers},
+            {"Expect": "100-continue", **headers},
         )
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(head)
@@ -582,7 +593,7 @@ def test_spent_budget_is_refused_before_100_continue(tmp_path: Path) -> None:
         server.ensure_stopped()
 
 
-def test_customer_limit_from_form_fields_and_window(tmp_path: Path) -> None:
+def test_customer_limit_from_the_ticket_and_window(tmp_path: Path) -> None:
     box = Box(
         tmp_path,
         SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT="2",
@@ -590,43 +601,109 @@ def test_customer_limit_from_form_fields_and_window(tmp_path: Path) -> None:
     )
     server = box.start()
     try:
-        fields = {"role": "customer", "accountKey": "home-42"}
-        assert upload(server, csv_bytes(20), fields=fields).json()["remaining"] == 1
-        assert upload(server, csv_bytes(21), fields=fields).status_code == 202
-        r = upload(server, csv_bytes(22), fields=fields)
+        home = ticket("customer", "home-42")
+        assert upload(server, csv_bytes(20), token=None, headers=home).json()["remaining"] == 1
+        assert upload(server, csv_bytes(21), token=None, headers=home).status_code == 202
+        r = upload(server, csv_bytes(22), token=None, headers=home)
         assert r.status_code == 429
         assert r.json()["role"] == "customer" and r.json()["accountKey"] == "home-42"
         assert 1 <= int(r.headers["Retry-After"]) <= 2
         assert len(box.inbox_names()) == 2
-        # Admin uploads are counted apart.
-        assert upload(server, csv_bytes(23), fields={"role": "admin"}).status_code == 202
+        # Admin uploads (the static token) are counted apart.
+        assert upload(server, csv_bytes(23)).status_code == 202
         time.sleep(2.1)  # the window slides
-        assert upload(server, csv_bytes(24), fields=fields).status_code == 202
+        assert upload(server, csv_bytes(24), token=None, headers=home).status_code == 202
     finally:
         server.ensure_stopped()
 
 
-def test_role_field_after_the_file_is_honoured_before_storing(tmp_path: Path) -> None:
+def test_fields_and_headers_cannot_choose_role_or_account(tmp_path: Path) -> None:
+    """Customer A at its limit used to get a fresh budget by sending accountKey=B (or a
+    full-width A), and the admin limit by sending role=admin."""
     box = Box(tmp_path, SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT="1")
     server = box.start()
     try:
-        for i, expected in enumerate((202, 429)):
-            body = multipart(
-                [
-                    ("file", "late.csv", csv_bytes(30 + i)),
-                    ("role", None, b"customer"),
-                    ("accountKey", None, b"late-fields"),
-                ]
-            )
-            head = post_head(
-                server.port, len(body), {"x-smt-upload-token": TOKEN, "Connection": "close"}
-            )
-            answer = raw_request(server.port, head, body)
-            assert answer.startswith(f"HTTP/1.1 {expected}".encode()), answer
+        a = ticket("customer", "A")
+        assert upload(server, csv_bytes(30), token=None, headers=a).status_code == 202
+        tries = [
+            ({}, {"accountKey": "B"}),
+            ({}, {"accountKey": chr(0xFF21)}),  # full-width A
+            ({}, {"role": "admin"}),
+            ({"x-smt-upload-role": "admin", "x-smt-upload-account-key": "B"}, {}),
+        ]
+        for i, (extra, fields) in enumerate(tries):
+            headers = {**a, **extra}
+            r = upload(server, csv_bytes(31 + i), token=None, headers=headers, fields=fields)
+            assert r.status_code == 429, (extra, fields, r.text)
+            assert r.json()["role"] == "customer" and r.json()["accountKey"] == "A"
+        # A ticket the app did not sign, or one that expired, is no identity at all.
+        forged = {"x-smt-upload-ticket": mint("guessed", "admin", "B", int(time.time()) + 60, 10)}
+        expired = ticket("customer", "B", ttl=-5)
+        for headers in (forged, expired):
+            r = upload(server, csv_bytes(40), token=None, headers=headers)
+            assert r.status_code == 401 and r.json()["error"] == "bad_ticket", r.text
         assert len(box.inbox_names()) == 1
-        assert not any(filenames.is_temp_name(n) for n in box.inbox_names())
     finally:
         server.ensure_stopped()
+
+
+def test_anonymous_mode_keys_the_budget_by_address_whatever_the_fields_say(
+    tmp_path: Path,
+) -> None:
+    box = Box(
+        tmp_path,
+        SMT_UPLOAD_TOKEN="",
+        SMT_UPLOAD_DEFAULT_ROLE="customer",
+        SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT="1",
+    )
+    server = box.start()
+    try:
+        assert upload(server, csv_bytes(50), token=None).status_code == 202
+        for fields in ({"accountKey": "other"}, {"role": "admin", "accountKey": "x"}):
+            r = upload(server, csv_bytes(51), token=None, fields=fields)
+            assert r.status_code == 429 and r.json()["accountKey"] is None, r.text
+    finally:
+        server.ensure_stopped()
+
+
+def test_a_client_address_has_a_daily_cap_whoever_it_claims_to_be(tmp_path: Path) -> None:
+    box = Box(tmp_path, SMT_UPLOAD_CLIENT_DAILY_LIMIT="3")
+    server = box.start()
+    try:
+        answers = [
+            upload(server, csv_bytes(60 + i), token=None, headers=ticket("customer", f"c{i}"))
+            for i in range(5)
+        ]
+        assert [r.status_code for r in answers] == [202, 202, 202, 429, 429]
+        assert answers[3].json()["error"] == "client_rate_limited"
+        assert 86000 < int(answers[3].headers["Retry-After"]) <= 86400
+        assert len(box.inbox_names()) == 3
+    finally:
+        server.ensure_stopped()
+
+
+def test_a_ticket_caps_the_file_size(box: Box, server: ServerProcess) -> None:
+    small = ticket("customer", "tiny", max_bytes=500)
+    r = upload(server, csv_bytes(70, rows=50), token=None, headers=small)
+    assert r.status_code == 413 and r.json()["error"] == "file_too_large", r.text
+    assert upload(server, csv_bytes(70, rows=2), token=None, headers=small).status_code == 202
+
+
+def test_identical_bytes_waiting_in_the_inbox_are_stored_once(
+    box: Box, server: ServerProcess
+) -> None:
+    data = csv_bytes(80)
+    first = upload(server, data)
+    assert first.status_code == 202 and first.json()["stored"] is True
+    for _ in range(3):
+        again = upload(server, data, name="renamed.csv")
+        assert again.status_code == 200, again.text
+        assert again.json()["duplicate"] is True and again.json()["stored"] is False
+        assert again.json()["filename"] == first.json()["filename"]
+    assert box.inbox_names() == [first.json()["filename"]] and len(box.queued()) == 1
+    # Once it has left the inbox, the same bytes may come again.
+    (box.inbox / first.json()["filename"]).unlink()
+    assert upload(server, data).status_code == 202
 
 
 def test_rejected_uploads_do_not_use_up_the_limit(tmp_path: Path) -> None:

@@ -462,6 +462,8 @@ class UploadSettings:
     body_timeout: float = 600.0
     shutdown_grace: float = 10.0
     limits: ConnectionLimits = ConnectionLimits()
+    ticket_secrets: tuple[str, ...] = field(default=(), repr=False)  # current, then previous
+    client_daily_limit: int = 200  # uploads per client address per day, whoever they are
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> UploadSettings:
@@ -494,4 +496,10 @@ class UploadSettings:
             body_timeout=_float(env, "SMT_UPLOAD_BODY_TIMEOUT", 600.0, minimum=1.0),
             shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),
             limits=ConnectionLimits.from_env(env),
+            ticket_secrets=tuple(
+                secret
+                for name in ("SMT_UPLOAD_TICKET_SECRET", "SMT_UPLOAD_TICKET_SECRET_PREVIOUS")
+                if (secret := _header_secret(name, _get(env, name)))
+            ),
+            client_daily_limit=_int(env, "SMT_UPLOAD_CLIENT_DAILY_LIMIT", 200, minimum=1),
         )

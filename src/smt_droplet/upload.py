@@ -49,11 +49,9 @@ from .httpserver import (
 from .outcomes import ExitCode
 from .ratelimit import RateLimiter, RateLimitError
 from .upload_limits import (
-    ACCOUNT_HEADER,
-    ROLE_HEADER,
+    TICKET_HEADER,
     Reservation,
     UploadLimits,
-    identity_in_headers,
 )
 from .upload_store import CHUNK, InboxStore, Partial, remove_stale_partials
 
@@ -101,7 +99,11 @@ class UploadService:
 
     def _precheck(self, request: web.Request) -> web.Response | None:
         token = self.settings.token
-        if token is not None and not secrets_equal(request.headers.get(TOKEN_HEADER), token):
+        if (
+            token is not None
+            and not self.limits.authenticates(request)  # a ticket: verified with the identity
+            and not secrets_equal(request.headers.get(TOKEN_HEADER), token)
+        ):
             return json_error(request, 401, "unauthorized", "Invalid or missing SMT upload token")
         limit = self.settings.max_bytes + MULTIPART_SLACK
         if request.content_length is not None and request.content_length > limit:
@@ -125,7 +127,7 @@ class UploadService:
         """``Expect: 100-continue``: refuse before the client sends a byte of the body."""
         started = time.monotonic()
         rejected = self._precheck(request)
-        if rejected is None and identity_in_headers(request):
+        if rejected is None:
             try:
                 self.limits.peek(request)
             except Reject as reject:
@@ -172,7 +174,7 @@ class UploadService:
             if part.name == "file" and not file_seen:
                 file_seen = True
                 await self._receive_file(request, part, attempt)
-            elif part.name in ("role", "accountKey", "esiid", "meter"):
+            elif part.name in ("esiid", "meter"):  # role/accountKey come from the ticket only
                 attempt.fields[part.name] = await self._read_field(
                     request, part, MAX_FIELD, attempt
                 )
@@ -180,7 +182,6 @@ class UploadService:
                 await self._read_field(request, part, MAX_EXTRA_FIELD, attempt)  # ignored
         if not file_seen:
             raise Reject(json_error(request, 400, "missing_file", "No file uploaded"))
-        self.limits.reserve(request, attempt.fields, attempt.slot)  # fields after the file
         try:
             attempt.esiid = parse_esiid(attempt.fields.get("esiid"))
             attempt.meter = parse_meter(attempt.fields.get("meter"))
@@ -204,7 +205,6 @@ class UploadService:
     async def _receive_file(
         self, request: web.Request, part: BodyPartReader, attempt: _Attempt
     ) -> None:
-        self.limits.reserve(request, attempt.fields, attempt.slot)
         attempt.original = filenames.basename(part.filename or "")
         if not filenames.is_csv_name(attempt.original):
             raise Reject(
@@ -217,6 +217,9 @@ class UploadService:
                 )
             )
         room = self.settings.max_bytes + MULTIPART_SLACK - attempt.field_bytes
+        ticket_cap = attempt.slot.identity.max_bytes if attempt.slot.identity else None
+        if ticket_cap is not None:
+            room = min(room, ticket_cap)
         attempt.partial = await self.store.receive(request, part, room)
 
     # -- after the body ----------------------------------------------------------------------
@@ -236,11 +239,18 @@ class UploadService:
             return web.json_response(
                 {"ok": True, "duplicate": True, "stored": False, "queued": False, **common}
             )
+        waiting = self.store.unposted_copy(partial.sha256)
+        if waiting is not None:  # the same bytes are stored and not posted yet: keep one copy
+            attempt.slot.counted = True
+            set_outcome(request, f"duplicate_waiting:{waiting}")
+            waiting_answer = {"ok": True, "duplicate": True, "stored": False, "queued": False}
+            return web.json_response({**waiting_answer, "filename": waiting, **common})
         loop = asyncio.get_running_loop()
         final = await loop.run_in_executor(
             None, self.store.commit, partial, filenames.stored_name(attempt.original)
         )
         attempt.slot.counted = True
+        self.store.stored.remember(partial.sha256, final)
         try:
             queued = await loop.run_in_executor(None, self._enqueue, attempt, final)
         except spool.SpoolError as exc:
@@ -267,8 +277,8 @@ class UploadService:
             extra={
                 "sha256": attempt.partial.sha256,
                 "sizeBytes": attempt.partial.size,
-                "role": attempt.slot.role,
-                "accountKey": attempt.slot.account,
+                "role": attempt.slot.identity.role if attempt.slot.identity else None,
+                "accountKey": attempt.slot.identity.account if attempt.slot.identity else None,
                 "originalName": attempt.original[:200],
             },
         )
@@ -285,8 +295,7 @@ class UploadService:
             return rejected
         attempt = _Attempt()
         try:
-            if identity_in_headers(request):
-                self.limits.reserve(request, attempt.fields, attempt.slot)  # before the body
+            self.limits.reserve(request, attempt.slot)  # before the body
             await asyncio.wait_for(
                 self._receive(request, attempt), timeout=self.settings.body_timeout
             )
@@ -321,7 +330,7 @@ class UploadService:
                 {
                     "Access-Control-Allow-Methods": "POST, OPTIONS",
                     "Access-Control-Allow-Headers": (
-                        f"Content-Type, {TOKEN_HEADER}, {ROLE_HEADER}, {ACCOUNT_HEADER}"
+                        f"Content-Type, {TOKEN_HEADER}, {TICKET_HEADER}"
                     ),
                     "Access-Control-Max-Age": "600",
                 }

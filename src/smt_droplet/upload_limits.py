@@ -1,132 +1,168 @@
 """Who is uploading and how much they may: the upload server's identity and rate limits.
 
-The rate limit (persistent, :mod:`smt_droplet.ratelimit`) is keyed ``role:accountKey`` (the
-client address when there is no account key): from the ``x-smt-upload-role`` /
-``x-smt-upload-account-key`` headers before the body; otherwise from the ``role`` /
-``accountKey`` form fields that precede the ``file`` part, before the file's first byte → 429
-with ``Retry-After`` and ``resetAt``. Fields that arrive after the file are honoured too, before
-the file is stored. A reservation counts once the body has been received (stored or duplicate);
-one rejected for size, type or a broken body is given back.
+Identity comes only from something the server verifies (form fields and headers no longer
+choose it):
+
+* a signed upload ticket in ``x-smt-upload-ticket`` (:mod:`smt_droplet.tickets`, minted by the
+  web app): role, account and the largest file it allows;
+* the static ``SMT_UPLOAD_TOKEN`` (admin scripts): role ``admin``, account ``token``;
+* neither, in anonymous mode (no token configured): ``SMT_UPLOAD_DEFAULT_ROLE`` keyed by the
+  client address.
+
+The rate limit (persistent, :mod:`smt_droplet.ratelimit`) is keyed ``role:account`` (or
+``role:ip:<address>``) and checked before the body is read → 429 with ``Retry-After`` and
+``resetAt``. On top, every client address has ``SMT_UPLOAD_CLIENT_DAILY_LIMIT`` uploads a day,
+whoever it claims to be. A reservation counts once the body has been received (stored or
+duplicate); one rejected for size, type or a broken body is given back.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from .config import UPLOAD_ROLES, UploadSettings
+from .config import UploadSettings
 from .httpserver import Reject, json_error
 from .ratelimit import Decision, RateLimiter, RateLimitError
+from .tickets import TicketError, verify
 
-ROLE_HEADER = "x-smt-upload-role"
-ACCOUNT_HEADER = "x-smt-upload-account-key"
-MAX_ACCOUNT_KEY = 128
+TICKET_HEADER = "x-smt-upload-ticket"
+CLIENT_WINDOW = 24 * 3600.0
 
 
 def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    account: str  # "" for an anonymous caller (keyed by address)
+    max_bytes: int | None = None  # a ticket's own cap on the file
+
+
 @dataclass
 class Reservation:
-    """One request's place in its budget (``counted`` once the upload is kept)."""
+    """One request's places in its budgets (``counted`` once the upload is kept)."""
 
+    identity: Identity | None = None
     decision: Decision | None = None
+    client: Decision | None = None
     counted: bool = False
-    role: str = ""
-    account: str = ""
 
     def rate_fields(self) -> dict[str, Any]:
         """What every successful answer tells the caller about its budget."""
-        d = self.decision
-        assert d is not None
+        d, who = self.decision, self.identity
+        assert d is not None and who is not None
         return {
-            "role": self.role,
-            "accountKey": self.account or None,
+            "role": who.role,
+            "accountKey": who.account or None,
             "limit": d.limit,
             "remaining": d.remaining,
             "resetAt": iso_utc(d.reset_at),
         }
 
 
-def identity_in_headers(request: web.Request) -> bool:
-    return bool(request.headers.get(ROLE_HEADER) or request.headers.get(ACCOUNT_HEADER))
-
-
 class UploadLimits:
-    """Identity from the request, and the limiter's reservations for it."""
+    """Verified identity, and the limiter's reservations for it."""
 
     def __init__(self, settings: UploadSettings, limiter: RateLimiter) -> None:
         self.settings = settings
         self.limiter = limiter
 
-    def identity(self, request: web.Request, fields: Mapping[str, str]) -> tuple[str, str]:
-        """(role, account) from the headers, else the form fields, else the default role."""
-        role = (
-            (request.headers.get(ROLE_HEADER) or fields.get("role") or self.settings.default_role)
-            .strip()
-            .lower()
-        )
-        account = (request.headers.get(ACCOUNT_HEADER) or fields.get("accountKey") or "").strip()
-        if role not in UPLOAD_ROLES:
-            raise Reject(json_error(request, 400, "bad_role", "role must be admin or customer"))
-        if len(account) > MAX_ACCOUNT_KEY or not account.isprintable():
-            raise Reject(
-                json_error(request, 400, "bad_account_key", "accountKey is too long or unprintable")
-            )
-        return role, account
+    def authenticates(self, request: web.Request) -> bool:
+        """Whether the request carries a ticket (verified in :meth:`identity`)."""
+        return TICKET_HEADER in request.headers
 
-    def reserve(self, request: web.Request, fields: Mapping[str, str], held: Reservation) -> None:
-        """Take (or keep) a slot for the identity the request names now; 429 when spent."""
-        role, account = self.identity(request, fields)
-        key = self._key(request, role, account)
-        if held.decision is not None:
-            if held.decision.key == key:
-                return
-            self.limiter.release(held.decision.reservation)
-            held.decision = None
-        decision = self.limiter.reserve(key, *self._limits(role))
-        held.role, held.account = role, account
+    def identity(self, request: web.Request) -> Identity:
+        raw = request.headers.get(TICKET_HEADER)
+        if raw is not None:
+            try:
+                ticket = verify(raw.strip(), self.settings.ticket_secrets)
+            except TicketError as exc:
+                raise Reject(json_error(request, 401, "bad_ticket", str(exc))) from None
+            return Identity(ticket.role, ticket.account, ticket.max_bytes)
+        if self.settings.token is not None:  # the precheck verified it
+            return Identity("admin", "token")
+        return Identity(self.settings.default_role, "")
+
+    def reserve(self, request: web.Request, held: Reservation) -> None:
+        """Take a slot in the caller's budget and in its address's daily budget; 429 if spent."""
+        who = self.identity(request)
+        held.identity = who
+        decision = self.limiter.reserve(self._key(request, who), *self._limits(who.role))
         if not decision.allowed:
-            raise self._limited(request, role, account, decision)
+            raise self._limited(request, who, decision)
         held.decision = decision
+        client = self.limiter.reserve(
+            self._client_key(request), self.settings.client_daily_limit, CLIENT_WINDOW
+        )
+        if not client.allowed:
+            raise self._client_limited(request, client)
+        held.client = client
 
     def peek(self, request: web.Request) -> None:
-        """For ``Expect: 100-continue`` with identity headers: refuse a spent budget early."""
-        role, account = self.identity(request, {})
-        decision = self.limiter.peek(self._key(request, role, account), *self._limits(role))
+        """For ``Expect: 100-continue``: refuse a spent budget before the body is sent."""
+        who = self.identity(request)
+        decision = self.limiter.peek(self._key(request, who), *self._limits(who.role))
         if not decision.allowed:
-            raise self._limited(request, role, account, decision)
+            raise self._limited(request, who, decision)
+        client = self.limiter.peek(
+            self._client_key(request), self.settings.client_daily_limit, CLIENT_WINDOW
+        )
+        if not client.allowed:
+            raise self._client_limited(request, client)
 
     def release_unless_counted(self, held: Reservation) -> None:
-        if held.decision is not None and not held.counted:
-            with contextlib.suppress(RateLimitError):
-                self.limiter.release(held.decision.reservation)
+        if held.counted:
+            return
+        for decision in (held.decision, held.client):
+            if decision is not None:
+                with contextlib.suppress(RateLimitError):
+                    self.limiter.release(decision.reservation)
 
-    def _key(self, request: web.Request, role: str, account: str) -> str:
-        return f"{role}:{account}" if account else f"{role}:ip:{request.remote or 'unknown'}"
+    def _key(self, request: web.Request, who: Identity) -> str:
+        if who.account:
+            return f"{who.role}:{who.account}"
+        return f"{who.role}:ip:{request.remote or 'unknown'}"
+
+    def _client_key(self, request: web.Request) -> str:
+        return f"client:{request.remote or 'unknown'}"
 
     def _limits(self, role: str) -> tuple[int, float]:
         if role == "admin":
             return self.settings.admin_limit, self.settings.admin_window
         return self.settings.customer_limit, self.settings.customer_window
 
-    def _limited(self, request: web.Request, role: str, account: str, decision: Decision) -> Reject:
-        period = "24-hour" if role == "admin" else "30-day"
+    def _limited(self, request: web.Request, who: Identity, decision: Decision) -> Reject:
+        period = "24-hour" if who.role == "admin" else "30-day"
         return Reject(
             json_error(
                 request,
                 429,
                 "rate_limited",
-                f"{role.capitalize()} upload limit reached for the current {period} window",
+                f"{who.role.capitalize()} upload limit reached for the current {period} window",
                 headers={"Retry-After": str(decision.retry_after)},
-                role=role,
-                accountKey=account or None,
+                role=who.role,
+                accountKey=who.account or None,
+                limit=decision.limit,
+                remaining=0,
+                resetAt=iso_utc(decision.reset_at),
+            )
+        )
+
+    def _client_limited(self, request: web.Request, decision: Decision) -> Reject:
+        return Reject(
+            json_error(
+                request,
+                429,
+                "client_rate_limited",
+                "upload limit for this client address reached for the day",
+                headers={"Retry-After": str(decision.retry_after)},
                 limit=decision.limit,
                 remaining=0,
                 resetAt=iso_utc(decision.reset_at),

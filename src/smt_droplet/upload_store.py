@@ -19,7 +19,9 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,7 @@ class InboxStore:
 
     def __init__(self, settings: UploadSettings) -> None:
         self.settings = settings
+        self.stored = StoredUploads(settings.state_db)
         self.partial_files: set[Path] = set()
         self._ledger_key: tuple[int, int, int] | None = None
         self._ledger: set[str] = set()
@@ -152,6 +155,13 @@ class InboxStore:
             self._ledger_key = key
         return digest in self._ledger
 
+    def unposted_copy(self, digest: str) -> str | None:
+        """The inbox name of an earlier upload of the same bytes that is still waiting there."""
+        name = self.stored.name_of(digest)
+        if name is None or not (self.settings.inbox / name).is_file():
+            return None
+        return name
+
     def commit(self, partial: Partial, name: str) -> str:
         """fsync the data, link it under a free final name, drop the temp name, fsync the dir.
         Returns the final name; the partial is no longer tracked."""
@@ -207,6 +217,43 @@ class InboxStore:
                     os.rename(tmp, inbox / candidate)
             return candidate
         raise FileExistsError(f"no free name for {name} in {inbox}")
+
+
+class StoredUploads:
+    """sha256 → inbox name of what this server stored (beside the limiter, survives restarts).
+    Advisory: a lookup that fails only means the same bytes may be stored twice. Used from the
+    event loop's thread only (SQLite connections stay in their thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS stored "
+                "(sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, at REAL NOT NULL)"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("no index of stored uploads (%s): duplicates may be stored twice", exc)
+            self._db = None
+
+    def name_of(self, digest: str) -> str | None:
+        if self._db is None:
+            return None
+        try:
+            row = self._db.execute("SELECT name FROM stored WHERE sha256 = ?", (digest,)).fetchone()
+        except sqlite3.Error:
+            return None
+        return str(row[0]) if row else None
+
+    def remember(self, digest: str, name: str) -> None:
+        if self._db is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute(
+                "INSERT OR REPLACE INTO stored (sha256, name, at) VALUES (?, ?, ?)",
+                (digest, name, time.time()),
+            )
 
 
 async def _sniff(part: BodyPartReader) -> tuple[bytes, bool]:

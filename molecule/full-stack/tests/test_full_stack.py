@@ -15,6 +15,8 @@ from typing import Any
 
 from conftest import REPO, SECURITY_SCORES, Bed
 
+from smt_droplet.tickets import mint  # the web app's side of an upload ticket
+
 WEBHOOK = "http://127.0.0.1:8787/trigger/smt-now"
 UPLOAD = "http://127.0.0.1:8080/upload"
 
@@ -95,8 +97,6 @@ def test_4_upload_reaches_the_double(bed: Bed) -> None:
         UPLOAD,
         {
             "x-smt-upload-token": bed.vars["smt_testbed_upload_token"],
-            "x-smt-upload-role": "admin",
-            "x-smt-upload-account-key": "molecule-admin",
         },
         file=placed.path,
     )
@@ -109,6 +109,9 @@ def test_4_upload_reaches_the_double(bed: Bed) -> None:
 def test_4b_upload_without_token_is_refused(bed: Bed) -> None:
     placed = bed.make_csv("/tmp")
     answer = bed.http("post", UPLOAD, {"x-smt-upload-role": "admin"}, file=placed.path)
+    assert answer.status == 401, answer
+    forged = mint("not-the-secret-0123456789abcdef0123", "admin", "x", int(time.time()) + 60, 99)
+    answer = bed.http("post", UPLOAD, {"x-smt-upload-ticket": forged}, file=placed.path)
     assert answer.status == 401, answer
 
 
@@ -140,10 +143,13 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
 
 def test_6_upload_rate_limit_survives_restart(bed: Bed) -> None:
     limit = 2  # smt_upload_customer_monthly_limit in molecule/testbed/group_vars/all.yml
+    # A customer's identity comes from a ticket the web app signs (tickets.mint is its side).
+    account = f"molecule-customer-{time.time_ns()}"
+    expires = int(time.time()) + 600
     headers = {
-        "x-smt-upload-token": bed.vars["smt_testbed_upload_token"],
-        "x-smt-upload-role": "customer",
-        "x-smt-upload-account-key": f"molecule-customer-{time.time_ns()}",
+        "x-smt-upload-ticket": mint(
+            bed.vars["smt_testbed_ticket_secret"], "customer", account, expires, 1_000_000
+        )
     }
     for _ in range(limit):
         placed = bed.make_csv("/tmp")
