@@ -6,13 +6,17 @@ ESIID), so they do not depend on one another's files.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO, SECURITY_SCORES, Bed
 
 from smt_droplet.tickets import mint  # the web app's side of an upload ticket
@@ -26,8 +30,12 @@ def test_units_enabled_and_running(host: Any) -> None:
         service = host.service(unit)
         assert service.is_enabled, f"{unit} not enabled"
         assert service.is_running, f"{unit} not active"
-    assert host.socket("tcp://0.0.0.0:8787").is_listening
-    assert host.socket("tcp://0.0.0.0:8080").is_listening
+    # Behind the TLS front the servers listen on loopback only; Caddy holds 443.
+    assert host.socket("tcp://127.0.0.1:8787").is_listening
+    assert host.socket("tcp://127.0.0.1:8080").is_listening
+    assert not host.socket("tcp://0.0.0.0:8787").is_listening
+    assert not host.socket("tcp://0.0.0.0:8080").is_listening
+    assert host.service("caddy").is_running and host.service("caddy").is_enabled
 
 
 def test_servers_run_sandboxed(host: Any) -> None:
@@ -170,7 +178,7 @@ def test_7_ufw_allows_only_intended_ports(host: Any) -> None:
     assert "Status: active" in out, out
     rules = [line for line in out.splitlines() if "ALLOW" in line or "DENY" in line]
     ports = {line.split()[0].split("/")[0] for line in rules}
-    assert ports == {"22", "8080", "8787"}, out
+    assert ports == {"22", "443"}, out
     assert all("ALLOW" in line for line in rules), out
     verbose = host.run("ufw status verbose").stdout
     assert "deny (incoming)" in verbose, verbose
@@ -184,3 +192,52 @@ def test_8_systemd_analyze_security_scores(host: Any) -> None:
         match = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", out.stdout)
         assert match, out.stdout[-2000:]
         SECURITY_SCORES.append(f"{unit:28} {match.group(1)} {match.group(2)}")
+
+
+CA = "/etc/smt-droplet/tls-ca.crt"
+
+
+def curl(bed: Bed, *args: str) -> tuple[int, str, str]:
+    """curl --cacert <the exported CA> inside the droplet: (status, headers, body)."""
+    out = bed.run(
+        "curl -sS --max-time 20 --cacert " + CA + " -D /tmp/curl.h -o /tmp/curl.b "
+        "-w '%{http_code}' " + " ".join(args) + "; echo; cat /tmp/curl.h; echo ===; cat /tmp/curl.b"
+    ).stdout
+    status, _, rest = out.partition("\n")
+    headers, _, body = rest.partition("===\n")
+    return int(status.strip() or 0), headers, body
+
+
+def test_9_tls_front_serves_health_upload_and_trigger(bed: Bed) -> None:
+    status, headers, body = curl(bed, "https://localhost/health")
+    assert status == 200, (status, headers, body)
+    assert "strict-transport-security: max-age=31536000" in headers.lower(), headers
+    assert json.loads(body) == {"ok": True, "service": "smt-upload"}
+    assert curl(bed, "https://localhost/webhook/health")[0] == 200
+
+    placed = bed.make_csv("/tmp")
+    token = bed.vars["smt_testbed_upload_token"]
+    status, _, body = curl(
+        bed, "-H", shlex.quote(f"x-smt-upload-token: {token}"), "-F",
+        shlex.quote(f"file=@{placed.path};type=text/csv"), "https://localhost/upload",
+    )  # fmt: skip
+    assert status == 202, body
+    assert bed.wait_posted(placed)["esiid"] == placed.esiid
+
+    secret = bed.vars["smt_testbed_webhook_secret"]
+    status, _, body = curl(
+        bed, "-X", "POST", "-H", shlex.quote(f"x-intelliwatt-secret: {secret}"),
+        "https://localhost/trigger/smt-now",
+    )  # fmt: skip
+    assert status == 202, body
+    assert curl(bed, "https://localhost/anything-else")[0] == 404
+
+
+def test_10_old_ports_are_not_reachable_from_outside(host: Any) -> None:
+    """From the controller (outside the container): 8080 and 8787 are closed, 443 answers TLS."""
+    address = host.run("hostname -I").stdout.split()[0]
+    for port in (8080, 8787):
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=3).close()
+    with socket.create_connection((address, 443), timeout=5):
+        pass
