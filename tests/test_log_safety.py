@@ -94,7 +94,8 @@ def test_malformed_requests_never_put_a_secret_into_the_log(
         for secret in (WEBHOOK_SECRET, UPLOAD_TOKEN, PREVIOUS):
             assert secret not in log, (name, log[-2000:])
             assert secret[:16] not in log, name
-        assert "refused a malformed HTTP request from 127.0.0.1" in log, log[-2000:]
+        # aiohttp 3.9+ names the client; 3.8 (Debian 12) does not
+        assert "refused a malformed HTTP request from " in log, log[-2000:]
         assert "Traceback" not in log
 
 
@@ -159,6 +160,24 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (header, then Content-Length bytes of body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
 
 
 def health_from(port: int, source: str) -> int:
@@ -228,9 +247,9 @@ def test_a_complete_request_is_not_cut_by_the_header_timeout(tmp_path: Path) -> 
             for i in range(0, len(body), 10):
                 time.sleep(0.5)  # 1.5 s for the body, longer than the header timeout
                 sock.sendall(body[i : i + 10])
-            assert b" 202 " in sock.recv(4096)[:16]
+            assert b" 202 " in read_response(sock)[:16]
             time.sleep(0.3)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # same connection
-            assert b" 200 " in sock.recv(4096)[:16]
+            assert b" 200 " in read_response(sock)[:16]
     finally:
         server.ensure_stopped()
