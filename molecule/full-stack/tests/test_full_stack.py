@@ -21,8 +21,9 @@ from conftest import REPO, SECURITY_SCORES, Bed
 
 from smt_droplet.tickets import mint  # the web app's side of an upload ticket
 
-WEBHOOK = "http://127.0.0.1:8787/trigger/smt-now"
-UPLOAD = "http://127.0.0.1:8080/upload"
+# The scenario reaches both services only through the TLS front (Caddy, internal CA).
+WEBHOOK = "https://localhost/trigger/smt-now"
+UPLOAD = "https://localhost/upload"
 
 
 def test_units_enabled_and_running(host: Any) -> None:
@@ -166,7 +167,8 @@ def test_6_upload_rate_limit_survives_restart(bed: Bed) -> None:
     bed.run("systemctl restart smt-upload-server.service")
     bed.run(
         "for i in $(seq 100); do python3 /opt/smt-testbed/probe.py get "
-        "http://127.0.0.1:8080/ >/dev/null && exit 0; sleep 0.1; done; exit 1"
+        "--cacert /etc/smt-droplet/tls-ca.crt https://localhost/health | grep -q '\"status\": 200' "
+        "&& exit 0; sleep 0.1; done; exit 1"
     )
     placed = bed.make_csv("/tmp")
     answer = bed.http("post", UPLOAD, headers, file=placed.path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", help="send this file as multipart/form-data")
     parser.add_argument("--field", default="file", help="multipart field name (default file)")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--cacert", help="trust only this CA for https:// (the TLS front's)")
     args = parser.parse_args(argv)
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         args.url, data=data, headers=headers, method=args.method.upper()
     )
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:  # noqa: S310 (scheme checked above)
+        context = ssl.create_default_context(cafile=args.cacert) if args.cacert else None
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:  # noqa: S310 (scheme checked above)
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
