@@ -86,3 +86,49 @@ def converge_with_tags(*tags: str, check: bool = False) -> subprocess.CompletedP
 def recap_changed(stdout: str) -> list[int]:
     """The changed= counts of a play recap."""
     return [int(n) for n in re.findall(r"\bchanged=(\d+)", stdout)]
+
+
+# -- checks the server scenarios share ------------------------------------------------------
+
+
+def assert_server_running(host, unit: str, user: str, port: int) -> dict:
+    """Enabled, active, as its own user with UMask 0007, listening on ``port``; its properties."""
+    service = host.service(unit)
+    assert service.is_enabled and service.is_running, unit
+    props = service.systemd_properties
+    assert props["User"] == user and props["UMask"] == "0007", props
+    assert host.socket(f"tcp://0.0.0.0:{port}").is_listening
+    assert host.run(f"ps -o user= -p {props['MainPID']}").stdout.strip() == user
+    return props
+
+
+def assert_unit_verifies(host, unit: str) -> None:
+    out = host.run(f"systemd-analyze verify /etc/systemd/system/{unit}")
+    assert out.rc == 0, out.stderr
+    assert unit not in out.stderr, out.stderr
+
+
+def ufw_allowed(host) -> set[str]:
+    """The ports UFW allows in (``22/tcp``, ...); UFW must be active."""
+    out = host.run("ufw status verbose").stdout
+    assert "Status: active" in out, out
+    return set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out, re.M))
+
+
+def ingest_invocation(host) -> str:
+    """The current InvocationID of smt-ingest.service (after clearing a failed state)."""
+    host.run("systemctl reset-failed smt-ingest.service")
+    return host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+
+
+def wait_for_pass_after(host, before: str, timeout: float = 90.0) -> bool:
+    """Whether smt-ingest.service ran (a new invocation that has finished) after ``before``."""
+
+    def ran() -> bool:
+        props = host.service("smt-ingest.service").systemd_properties
+        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
+            "failed",
+            "inactive",
+        )
+
+    return wait_for(ran, timeout=timeout)

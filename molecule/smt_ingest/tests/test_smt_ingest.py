@@ -7,7 +7,15 @@ import re
 import time
 
 import pytest
-from role_checks import converge_with_tags, exposure, recap_changed, wait_for
+from role_checks import (
+    assert_unit_verifies,
+    converge_with_tags,
+    exposure,
+    ingest_invocation,
+    recap_changed,
+    ufw_allowed,
+    wait_for_pass_after,
+)
 
 UNITS = ("smt-ingest.service", "smt-ingest.timer", "smt-ingest.path")
 INBOX = "/home/deploy/smt_inbox"
@@ -113,9 +121,7 @@ def test_timer_and_path_enabled_and_active(host):
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_systemd_analyze_verify(host, unit):
-    out = host.run(f"systemd-analyze verify /etc/systemd/system/{unit}")
-    assert out.rc == 0, out.stderr
-    assert unit not in out.stderr, out.stderr
+    assert_unit_verifies(host, unit)
 
 
 def test_security_exposure(host):
@@ -125,20 +131,15 @@ def test_security_exposure(host):
 
 
 def test_ufw_baseline(host):
-    out = host.run("ufw status verbose")
-    assert out.rc == 0, out.stderr
-    assert "Status: active" in out.stdout
-    assert "Default: deny (incoming), allow (outgoing)" in out.stdout
-    ports = set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out.stdout, re.M))
-    assert ports == {"22/tcp"}, out.stdout
+    assert ufw_allowed(host) == {"22/tcp"}
+    assert "Default: deny (incoming), allow (outgoing)" in host.run("ufw status verbose").stdout
 
 
 def test_a_queued_request_starts_a_sandboxed_pass(host):
     """The .path unit fires on a queued request; the pass runs under the sandbox, claims the
     request, takes its lock in the inbox and records its result in the spool; with no SFTP and
     no web app it ends with exit 1 (retry later), not a namespace/exec failure."""
-    host.run("systemctl reset-failed smt-ingest.service")
-    before = host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+    before = ingest_invocation(host)
     request = {"id": "molecule-1", "kind": "cli", "received_at": time.time()}
     cmd = (
         f"sudo -u deploy sh -c \"umask 007; printf '%s' '{json.dumps(request)}' "
@@ -146,14 +147,7 @@ def test_a_queued_request_starts_a_sandboxed_pass(host):
     )
     assert host.run(cmd).rc == 0
 
-    def finished() -> bool:
-        props = host.service("smt-ingest.service").systemd_properties
-        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
-            "failed",
-            "inactive",
-        )
-
-    assert wait_for(finished, timeout=90)
+    assert wait_for_pass_after(host, before)
     props = host.service("smt-ingest.service").systemd_properties
     assert props["ExecMainStatus"] == "1", props  # sync/post failed: retry later
     assert host.file(f"{SPOOL}/queue/molecule-1.json").exists is False

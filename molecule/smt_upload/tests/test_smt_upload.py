@@ -6,7 +6,15 @@ import json
 import re
 
 import pytest
-from role_checks import exposure, mount_options, wait_for
+from role_checks import (
+    assert_server_running,
+    assert_unit_verifies,
+    exposure,
+    ingest_invocation,
+    mount_options,
+    ufw_allowed,
+    wait_for_pass_after,
+)
 
 UNITS = ("smt-upload-server.service", "smt-ingest.service", "smt-ingest.path")
 INBOX = "/home/deploy/smt_inbox"
@@ -81,22 +89,13 @@ def test_env_file(host):
 
 
 def test_service_enabled_running_listening(host):
-    service = host.service("smt-upload-server.service")
-    assert service.is_enabled
-    assert service.is_running
-    props = service.systemd_properties
-    assert props["User"] == "smt-upload"
-    assert props["UMask"] == "0007"
-    assert host.socket("tcp://0.0.0.0:8080").is_listening
-    assert host.run(f"ps -o user= -p {props['MainPID']}").stdout.strip() == "smt-upload"
+    assert_server_running(host, "smt-upload-server.service", "smt-upload", 8080)
     state = host.file("/var/lib/smt-upload")
     assert state.is_directory and state.user == "smt-upload" and state.mode == 0o700
 
 
 def test_systemd_analyze_verify(host):
-    out = host.run("systemd-analyze verify /etc/systemd/system/smt-upload-server.service")
-    assert out.rc == 0, out.stderr
-    assert "smt-upload-server.service" not in out.stderr, out.stderr
+    assert_unit_verifies(host, "smt-upload-server.service")
 
 
 @pytest.mark.parametrize("unit", ["smt-upload-server.service", "smt-ingest.service"])
@@ -107,10 +106,7 @@ def test_security_exposure(host, unit):
 
 
 def test_ufw_opens_only_ssh_and_upload(host):
-    out = host.run("ufw status verbose")
-    assert "Status: active" in out.stdout
-    ports = set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out.stdout, re.M))
-    assert ports == {"22/tcp", "8080/tcp"}, out.stdout
+    assert ufw_allowed(host) == {"22/tcp", "8080/tcp"}
 
 
 def test_upload_lands_in_inbox_and_queues_a_pass(host):
@@ -121,8 +117,7 @@ def test_upload_lands_in_inbox_and_queues_a_pass(host):
     assert status == 401, body
     assert csv_files(host) == before_files  # rejected before a byte was written
 
-    host.run("systemctl reset-failed smt-ingest.service")
-    before = host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+    before = ingest_invocation(host)
     status, body = post(host, TOKEN)
     assert status == 202, body
     reply = json.loads(body)
@@ -136,14 +131,7 @@ def test_upload_lands_in_inbox_and_queues_a_pass(host):
     assert host.run(f"sudo -u deploy head -c1 {INBOX}/{new[0]}").rc == 0
     assert host.file("/var/lib/smt-upload").listdir()  # the limiter's state is on disk
 
-    def pass_ran() -> bool:
-        props = host.service("smt-ingest.service").systemd_properties
-        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
-            "failed",
-            "inactive",
-        )
-
-    assert wait_for(pass_ran, timeout=90)
+    assert wait_for_pass_after(host, before)
     assert not [n for n in host.file(f"{SPOOL}/queue").listdir() if n.endswith(".json")]
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
-from role_checks import exposure, mount_options, wait_for
+from role_checks import (
+    assert_server_running,
+    assert_unit_verifies,
+    exposure,
+    ingest_invocation,
+    mount_options,
+    ufw_allowed,
+    wait_for_pass_after,
+)
 
 UNITS = ("smt-webhook.service", "smt-ingest.service", "smt-ingest.path")
 SPOOL = "/var/spool/smt-ingest"
@@ -61,21 +68,13 @@ def test_env_file(host):
 
 
 def test_service_enabled_running_listening(host):
-    service = host.service("smt-webhook.service")
-    assert service.is_enabled
-    assert service.is_running
-    props = service.systemd_properties
-    assert props["User"] == "smt-webhook"
-    assert props["UMask"] == "0007"
-    assert host.socket("tcp://0.0.0.0:8787").is_listening
-    pid = props["MainPID"]
-    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == "smt-webhook"
+    assert_server_running(host, "smt-webhook.service", "smt-webhook", 8787)
+    state = host.file("/var/lib/smt-webhook")  # the replay memory of signed calls
+    assert state.is_directory and state.user == "smt-webhook" and state.mode == 0o700
 
 
 def test_systemd_analyze_verify(host):
-    out = host.run("systemd-analyze verify /etc/systemd/system/smt-webhook.service")
-    assert out.rc == 0, out.stderr
-    assert "smt-webhook.service" not in out.stderr, out.stderr
+    assert_unit_verifies(host, "smt-webhook.service")
 
 
 @pytest.mark.parametrize("unit", ["smt-webhook.service", "smt-ingest.service"])
@@ -86,10 +85,7 @@ def test_security_exposure(host, unit):
 
 
 def test_ufw_opens_only_ssh_and_webhook(host):
-    out = host.run("ufw status verbose")
-    assert "Status: active" in out.stdout
-    ports = set(re.findall(r"^(\S+)\s+(?:\(v6\)\s+)?ALLOW IN", out.stdout, re.M))
-    assert ports == {"22/tcp", "8787/tcp"}, out.stdout
+    assert ufw_allowed(host) == {"22/tcp", "8787/tcp"}
 
 
 def test_health(host):
@@ -107,22 +103,14 @@ def test_trigger_queues_a_pass_that_the_path_unit_starts(host):
     assert status == 401, body
     assert not host.file(f"{SPOOL}/queue").listdir()
 
-    host.run("systemctl reset-failed smt-ingest.service")
-    before = host.service("smt-ingest.service").systemd_properties.get("InvocationID", "")
+    before = ingest_invocation(host)
     status, body = post(host, SECRET)
     assert status == 202, body
     reply = json.loads(body)
     assert reply["ok"] is True and reply["queued"] is True
 
-    def pass_ran() -> bool:
-        props = host.service("smt-ingest.service").systemd_properties
-        return props.get("InvocationID", "") not in ("", before) and props["ActiveState"] in (
-            "failed",
-            "inactive",
-        )
-
     # smt-ingest.path sees queue/ non-empty and starts the pass, which claims the request first.
-    assert wait_for(pass_ran, timeout=90)
+    assert wait_for_pass_after(host, before)
     assert not [n for n in host.file(f"{SPOOL}/queue").listdir() if n.endswith(".json")]
     props = host.service("smt-ingest.service").systemd_properties
     assert props["ExecMainStatus"] == "1", props  # no SFTP/web app here: retry later
