@@ -655,3 +655,52 @@ def test_upload_with_the_whole_disk_full_is_a_clear_5xx_and_stores_nothing(
     assert r.status_code == 202, r.text  # nothing of the failed attempt was counted
     assert (inbox / r.json()["filename"]).read_bytes() == data
     assert len(queued(spool_dir)) == 1
+
+
+# -- secrets from systemd credentials ---------------------------------------------------------
+
+
+def test_credentials_beat_the_env_file_and_stay_out_of_the_environment(tmp_path: Path) -> None:
+    from smt_droplet.envfile import EnvFileError, load_environment
+
+    env_file = tmp_path / "smt-webhook"
+    env_file.write_text("INTELLIWATT_WEBHOOK_SECRET=from-the-env-file\nSMT_WEBHOOK_PORT=8787\n")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "INTELLIWATT_WEBHOOK_SECRET").write_text("from-the-credential\n")
+    (creds / "SMT_WEBHOOK_PORT").write_text("9999")  # not a secret: never read from here
+    base = {"CREDENTIALS_DIRECTORY": str(creds)}
+    env = load_environment(env_file, base=base)
+    assert env["INTELLIWATT_WEBHOOK_SECRET"] == "from-the-credential"
+    assert env["SMT_WEBHOOK_PORT"] == "8787"
+    # A box without credentials (the seed's env file with its secrets) works as before.
+    assert load_environment(env_file, base={})["INTELLIWATT_WEBHOOK_SECRET"] == "from-the-env-file"
+    (creds / "ADMIN_TOKEN").mkdir()  # unreadable as a file: a clear error, not a traceback
+    with pytest.raises(EnvFileError, match="credential ADMIN_TOKEN"):
+        load_environment(env_file, base=base)
+
+
+def test_a_server_takes_its_secret_from_credentials(tmp_path: Path) -> None:
+    """What systemd's LoadCredential= gives the webhook: the secret as a file, not in environ."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    secret = "credential-secret-0123456789abcdefghij"
+    (creds / "INTELLIWATT_WEBHOOK_SECRET").write_text(secret + "\n")
+    server = ServerProcess(
+        "webhook-server",
+        {
+            "CREDENTIALS_DIRECTORY": str(creds),
+            "SMT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SMT_WEBHOOK_BIND": "127.0.0.1",
+            "SMT_WEBHOOK_PORT": "0",
+        },
+        tmp_path / "cred.log",
+    ).start()
+    try:
+        url = server.url("/trigger/smt-now")
+        assert requests.post(url, headers={"x-smt-secret": secret}, timeout=5).status_code == 202
+        assert requests.post(url, headers={"x-smt-secret": "x" * 38}, timeout=5).status_code == 401
+        environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes()
+        assert secret.encode() not in environ
+    finally:
+        server.ensure_stopped()

@@ -13,6 +13,17 @@ import os
 import re
 from collections.abc import Mapping
 
+# The settings that hold secrets: the only ones read from systemd credentials, and the ones no
+# log line may contain (logsafety.py).
+SECRET_SETTINGS = (
+    "ADMIN_TOKEN",
+    "INTELLIWATT_WEBHOOK_SECRET",
+    "DROPLET_WEBHOOK_SECRET",
+    "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS",
+    "SMT_UPLOAD_TOKEN",
+    "SMT_UPLOAD_TICKET_SECRET",
+    "SMT_UPLOAD_TICKET_SECRET_PREVIOUS",
+)
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LEADING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -92,15 +103,38 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     return parse_env_text(text, os.fspath(path))
 
 
+def read_credentials(directory: str | os.PathLike[str] | None) -> dict[str, str]:
+    """Secrets systemd passed as credentials (``LoadCredential=NAME:...``): one file per setting
+    in ``$CREDENTIALS_DIRECTORY``, named like the setting, holding its value. Only the secret
+    settings (:data:`SECRET_SETTINGS`) are read; a trailing line end is dropped."""
+    if not directory:
+        return {}
+    found: dict[str, str] = {}
+    for name in SECRET_SETTINGS:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                found[name] = handle.read().rstrip("\r\n")
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EnvFileError(f"cannot read credential {name} in {directory}: {exc}") from None
+    return found
+
+
 def load_environment(
     env_file: str | os.PathLike[str] | None = None,
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The settings a command runs with: the process environment, then the env file on top.
+    """The settings a command runs with: the process environment, then the env file on top,
+    then the systemd credentials (secrets kept out of the environment) on top of both.
 
-    The file wins, as with systemd, where ``EnvironmentFile=`` overrides ``Environment=``.
+    The file wins over the environment, as with systemd, where ``EnvironmentFile=`` overrides
+    ``Environment=``; a box without credentials (the seed's env file with its secrets) works as
+    before.
     """
     merged = dict(os.environ if base is None else base)
     if env_file is not None:
         merged.update(read_env_file(env_file))
+    merged.update(read_credentials(merged.get("CREDENTIALS_DIRECTORY")))
     return merged

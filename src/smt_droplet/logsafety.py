@@ -4,8 +4,8 @@ Three filters, installed once per process by :func:`protect_logging` (``cli.main
 soon as the settings are known):
 
 * :class:`SecretRedactor`, on every handler of the root logger: any configured secret (the
-  values of :data:`SECRET_NAMES`) is replaced by ``[redacted]`` in the message, its arguments
-  and the formatted traceback — whichever library logged it.
+  values of ``envfile.SECRET_SETTINGS``) is replaced by ``[redacted]`` in the message, its
+  arguments and the formatted traceback — whichever library logged it.
 * :class:`MalformedRequestSummary`, on aiohttp's server logger: a request the HTTP parser refused
   (a header line with a stray CR, a bad status line...) is logged as one line naming the error
   class, never the raw bytes aiohttp quotes (which may hold a token).
@@ -20,15 +20,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-SECRET_NAMES = (
-    "ADMIN_TOKEN",
-    "INTELLIWATT_WEBHOOK_SECRET",
-    "DROPLET_WEBHOOK_SECRET",
-    "INTELLIWATT_WEBHOOK_SECRET_PREVIOUS",
-    "SMT_UPLOAD_TOKEN",
-    "SMT_UPLOAD_TICKET_SECRET",
-    "SMT_UPLOAD_TICKET_SECRET_PREVIOUS",
-)
+from .envfile import SECRET_SETTINGS
+
 REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 6  # shorter values would redact ordinary words
 NOISY_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "asyncio")
@@ -37,7 +30,7 @@ NOISY_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "asyncio")
 def secrets_in(env: Mapping[str, str]) -> list[str]:
     """The configured secrets (stripped, as the settings read them)."""
     found = []
-    for name in SECRET_NAMES:
+    for name in SECRET_SETTINGS:
         value = (env.get(name) or "").strip()
         if len(value) >= MIN_SECRET_LENGTH:
             found.append(value)

@@ -291,6 +291,7 @@ def _gpg_decrypt(
                 capture_output=True,
                 timeout=timeout,
                 pass_fds=() if read_fd is None else (read_fd,),
+                env=gpg_environment(),
                 shell=False,
                 check=False,
             )
@@ -299,6 +300,16 @@ def _gpg_decrypt(
         except subprocess.TimeoutExpired:
             raise DecryptFailed(path, f"gpg did not finish within {timeout:g} s") from None
     return _decryption_key(path, proc, gnupg_home, gpg_binary)
+
+
+def gpg_environment() -> dict[str, str]:
+    """What gpg (and the gpg-agent it starts) inherits: PATH, HOME and the C locale — never the
+    pass's settings, so ADMIN_TOKEN does not live on in an agent process."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/nonexistent"),
+        "LC_ALL": "C",
+    }
 
 
 def _decrypt_command(
@@ -422,7 +433,9 @@ def _secret_key_ids(gnupg_home: Path | None, gpg_binary: str) -> set[str]:
     """Long key IDs (upper-case hex) of every secret key and subkey in the keyring."""
     cmd = [gpg_binary, *_base_args(gnupg_home), "--with-colons", "--list-secret-keys"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=30, shell=False, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, timeout=30, env=gpg_environment(), shell=False, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return set()
     ids = set()
