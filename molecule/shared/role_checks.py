@@ -132,19 +132,3 @@ def wait_for_pass_after(host, before: str, timeout: float = 90.0) -> bool:
         )
 
     return wait_for(ran, timeout=timeout)
-
-
-def assert_secret_is_a_credential(host, unit: str, name: str, value: str, env_file: str) -> None:
-    """The secret sits root-only in the unit's credential file, is loaded with LoadCredential=,
-    and appears neither in the env file nor in the running server's environment."""
-    path = f"/etc/smt-droplet/credentials/{unit.removesuffix('.service')}/{name}"
-    cred = host.file(path)
-    assert (cred.user, cred.group, cred.mode) == ("root", "root", 0o600), path
-    assert cred.content_string == value
-    assert value not in host.file(env_file).content_string
-    assert (
-        f"LoadCredential={name}:{path}" in host.file(f"/etc/systemd/system/{unit}").content_string
-    )
-    pid = host.service(unit).systemd_properties["MainPID"]
-    environ = host.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout
-    assert value not in environ and "CREDENTIALS_DIRECTORY=" in environ
