@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A strict local double of the IntelliWatt inline upload endpoint.
 
-Implements ``POST /api/admin/smt/pull`` as the team's contract (``INTELLIWATT-CONTRACT.md``) describes it,
-strictly: token (401 without ``ok``; 503 when no token is configured), content-type, JSON,
+Implements ``POST /api/admin/smt/pull`` as the team's contract (``INTELLIWATT-CONTRACT.md``)
+describes it, strictly: token (401 without ``ok``; 503 when no token is configured), content-type, JSON,
 ``mode`` (anything but ``"inline"`` is recorded as a *pull trigger* and answered 400
 ``NOT_INLINE_TEST_DOUBLE`` so a test notices), base64 / base64+gzip decoding, ``sizeBytes`` against
 the decompressed length, ESIID (17 digits, one leading/trailing apostrophe tolerated), sha256

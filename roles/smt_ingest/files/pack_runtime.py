@@ -10,8 +10,9 @@ names, fixed owner, mode and mtime), so the same sources give the same bytes and
 sha256: the role copies it with a checksum and reinstalls only when the sources changed.
 
 Prints one JSON object: ``{"path", "sha256", "version", "build", "files"}`` (``build`` is
-``<version>+<sha256[:12]>``, what the server units carry so that a new package restarts them). Standard library only (it
-runs on the controller's Python, which need not have the package's dependencies).
+``<version>+<sha256[:12]>``, what the server units carry so that a new package restarts them).
+Standard library only (it runs on the controller's Python, which need not have the package's
+dependencies).
 """
 
 from __future__ import annotations
