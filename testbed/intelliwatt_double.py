@@ -2,13 +2,13 @@
 """A strict local double of the IntelliWatt inline upload endpoint.
 
 Implements ``POST /api/admin/smt/pull`` as the team's contract (``INTELLIWATT-CONTRACT.md``)
-describes it, strictly: token (401 without ``ok``; 503 when no token is configured), content-type, JSON,
-``mode`` (anything but ``"inline"`` is recorded as a *pull trigger* and answered 400
-``NOT_INLINE_TEST_DOUBLE`` so a test notices), base64 / base64+gzip decoding, ``sizeBytes`` against
-the decompressed length, ESIID (17 digits, one leading/trailing apostrophe tolerated), sha256
-dedupe (a duplicate is still 200 with ``duplicate: true, persisted: false``), corrupt payload →
-500 ``INLINE_PERSIST_FAILED``, and the hosting platform's 413 (plain text, the body is drained
-and discarded, never buffered) for a request body over ``max_body_bytes``.
+describes it, strictly: token (401 without ``ok``; 503 when no token is configured),
+content-type, JSON, ``mode`` (anything but ``"inline"`` is recorded as a *pull trigger* and
+answered 400 ``NOT_INLINE_TEST_DOUBLE`` so a test notices), base64 / base64+gzip decoding,
+``sizeBytes`` against the decompressed length, ESIID (17 digits, one leading/trailing apostrophe
+tolerated), sha256 dedupe (a duplicate is still 200 with ``duplicate: true, persisted: false``),
+corrupt payload → 500 ``INLINE_PERSIST_FAILED``, and the hosting platform's 413 (plain text, the
+body is drained and discarded, never buffered) for a request body over ``max_body_bytes``.
 
 Test controls, in-process (:class:`IntelliWattDouble`) or over HTTP for other processes:
 
