@@ -22,7 +22,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from .config import ConnectionLimits
@@ -35,39 +34,27 @@ log.addFilter(_gate)
 HEADER_END = b"\r\n\r\n"
 
 
-@dataclass
-class GuardStats:
-    """What the guard did since the server started (for logs and ``/metrics``)."""
-
-    open: int = 0
-    refused_total_cap: int = 0
-    refused_client_cap: int = 0
-    header_timeouts: int = 0
-
-
 class ConnectionGuard:
     """Wraps a protocol factory (aiohttp's ``Server``) so each connection is counted and timed."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
-        self.stats = GuardStats()
+        self.open = 0  # connections admitted and not yet closed
         self._per_client: Counter[str] = Counter()
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _GuardedProtocol(self, factory)
 
     def admit(self, client: str) -> bool:
-        if self.stats.open >= self.limits.max_connections:
-            self.stats.refused_total_cap += 1
+        if self.open >= self.limits.max_connections:
             log.warning(
                 "refused a connection from %s: %d connections open (cap %d)",
                 client,
-                self.stats.open,
+                self.open,
                 self.limits.max_connections,
             )
             return False
         if self._per_client[client] >= self.limits.max_per_client:
-            self.stats.refused_client_cap += 1
             log.warning(
                 "refused a connection from %s: it holds %d already (cap per client %d)",
                 client,
@@ -75,12 +62,12 @@ class ConnectionGuard:
                 self.limits.max_per_client,
             )
             return False
-        self.stats.open += 1
+        self.open += 1
         self._per_client[client] += 1
         return True
 
     def release(self, client: str) -> None:
-        self.stats.open -= 1
+        self.open -= 1
         self._per_client[client] -= 1
         if self._per_client[client] <= 0:
             del self._per_client[client]
@@ -168,7 +155,6 @@ class _GuardedProtocol(asyncio.Protocol):
     def _header_timed_out(self) -> None:
         self._timer = None
         if self._transport is not None and self._awaiting_header:
-            self._guard.stats.header_timeouts += 1
             log.info(
                 "closed a connection from %s: no complete request header within %gs",
                 self._client,

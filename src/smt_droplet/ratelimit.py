@@ -10,12 +10,13 @@ received count. The seed deployment kept these counters in memory and lost them 
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .statedb import open_state_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -51,14 +52,8 @@ class RateLimiter:
         self.path = path
         self._clock = clock
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Create it group-writable before SQLite does (SQLite would use 0644).
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
-            os.close(fd)
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = open_state_db(path, 0o660, _SCHEMA)
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise RateLimitError(f"cannot open the upload limiter database {path}: {exc}") from exc
 

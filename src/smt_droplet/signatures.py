@@ -23,7 +23,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import sqlite3
 import time
@@ -31,7 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_WINDOW = 300.0
+from .statedb import open_state_db
+
 MAX_FUTURE_SKEW = 60.0  # a sender's clock ahead of ours by more than this is refused
 _TIMESTAMP = re.compile(r"[0-9]{1,12}\Z")
 _ID = re.compile(r"[\x21-\x7e]{1,256}\Z")  # printable ASCII, no spaces
@@ -143,13 +143,10 @@ class ReplayGuard:
         self.window = window
         self._clock = clock
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS seen (delivery TEXT PRIMARY KEY, at REAL NOT NULL)"
+            self._db = open_state_db(
+                path,
+                0o600,
+                "CREATE TABLE IF NOT EXISTS seen (delivery TEXT PRIMARY KEY, at REAL NOT NULL);",
             )
         except (OSError, sqlite3.Error) as exc:
             raise ReplayStoreError(f"replay memory {path}: {exc}") from exc

@@ -31,6 +31,7 @@ from . import durable, filenames
 from .config import UploadSettings
 from .httpserver import Reject, json_error
 from .pgp_delivery import looks_armored
+from .statedb import open_state_db
 
 log = logging.getLogger("smt_droplet.upload")
 
@@ -227,11 +228,11 @@ class StoredUploads:
     def __init__(self, path: Path) -> None:
         self._db: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
-            self._db.execute(
+            self._db = open_state_db(
+                path,
+                0o660,
                 "CREATE TABLE IF NOT EXISTS stored "
-                "(sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, at REAL NOT NULL)"
+                "(sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, at REAL NOT NULL);",
             )
         except (OSError, sqlite3.Error) as exc:
             log.warning("no index of stored uploads (%s): duplicates may be stored twice", exc)
