@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -85,13 +86,27 @@ def test_first_pass_posts_each_file_once_with_esiid_and_meter(
     assert ledger == {sha256(p) for p in three_files.values()}
 
 
-def test_no_esiid_is_not_posted_and_retried(env, three_files, webapp, inbox) -> None:
+def test_no_esiid_needs_an_operator_without_failing_passes(
+    env, three_files, webapp, inbox, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="smt_droplet")
     first = run_pass(env)
-    assert first.exit_code == 1
+    assert first.exit_code == 0  # a person must decide; retrying every 30 min cannot help
     assert "no_esiid_anywhere.csv" not in by_name(webapp)
-    assert {f.path: f.outcome for f in first.files}["no_esiid_anywhere.csv"] == "no-esiid"
-    second = run_pass({**env, "ESIID_DEFAULT": DEFAULT})
+    row = {f.path: f for f in first.files}["no_esiid_anywhere.csv"]
+    assert row.outcome == "no-esiid" and row.needs_operator and not row.reported_before
+    assert "post no_esiid_anywhere.csv --esiid" in row.reason and "ignore" in row.reason
+    assert "needs-operator=1" in first.summary_line()
+    warned = [r for r in caplog.records if "no_esiid_anywhere.csv needs an operator" in r.message]
+    assert [r.levelno for r in warned] == [logging.WARNING]
+    caplog.clear()
+    second = run_pass(env)  # reported once: later passes count it, at DEBUG
     assert second.exit_code == 0
+    again = {f.path: f for f in second.files}["no_esiid_anywhere.csv"]
+    assert again.outcome == "no-esiid" and again.reported_before
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    third = run_pass({**env, "ESIID_DEFAULT": DEFAULT})  # attributed again on every pass
+    assert third.exit_code == 0 and third.needing_operator() == []
     assert [r["filename"] for r in webapp.received()][-1] == "no_esiid_anywhere.csv"
 
 
@@ -155,7 +170,8 @@ def test_401_stops_the_pass_and_leaves_ledger_untouched(env, three_files, webapp
 
 def test_oversized_file_is_marked_and_never_sent(env, sftp_peer, smt_csv, webapp, inbox) -> None:
     big = sftp_peer.root / f"big_{IN_NAME}.csv"
-    big.write_bytes(os.urandom(1_200_000))
+    # CSV text that gzip cannot shrink under the cap (random hex).
+    big.write_text("ID,VALUE\n" + "".join(f"{i},{os.urandom(64).hex()}\n" for i in range(20_000)))
     os.utime(big, (OLD, OLD))
     put(sftp_peer, smt_csv, f"small_{IN_NAME}.csv", IN_NAME)
     env = {**env, "SMT_MAX_BODY_BYTES": "1000000"}
@@ -254,7 +270,7 @@ def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_
     assert result.requests == 2
     got = by_name(webapp)
     # The trigger's ESIID is for files its pass downloads: none here, so the waiting upload
-    # without an ESIID of its own is not attributed to it (it stays no-esiid, exit 1).
+    # without an ESIID of its own is not attributed to it (it stays no-esiid: an operator's).
     assert "customer_upload.csv" not in got
     assert {f.path: f.outcome for f in result.files}["customer_upload.csv"] == "no-esiid"
     assert got["other_upload.csv"]["esiid"] == IN_NAME  # the upload's own ESIID
@@ -262,7 +278,7 @@ def test_spool_requests_steer_and_are_consumed(env, smt_csv, webapp, inbox, tmp_
     assert spool.depth(queue_dir) == 0 and not list((queue_dir / "processing").iterdir())
     last = spool.read_last_result(queue_dir)
     # the app was reset, so both posted files are new to it again
-    assert last is not None and last["exit_code"] == 1
+    assert last is not None and last["exit_code"] == 0 and last["needs_operator"] == 1
     assert last["counts"] == {"posted": 2, "no-esiid": 1}
     assert "finished_at" in last and last["requests"] == 2
 
@@ -302,9 +318,9 @@ def test_conflicting_spool_esiids_are_not_used(env, webapp, inbox) -> None:
     spool.enqueue(queue_dir, "webhook", esiid=IN_CONTENT)
     result = run_pass(env, sync=False)
     assert result.counts() == {"no-esiid": 1} and webapp.requests() == []
-    assert spool.depth(queue_dir) == 0  # consumed anyway: the timer retries, no .path loop
+    assert spool.depth(queue_dir) == 0  # consumed anyway: no .path loop
     last = spool.read_last_result(queue_dir)
-    assert last is not None and last["exit_code"] == 1
+    assert last is not None and last["exit_code"] == 0 and last["needs_operator"] == 1
 
 
 # -- the command line -------------------------------------------------------------------------

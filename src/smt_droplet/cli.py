@@ -91,12 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
         "deliberately skipped; 1: something left to retry; 2: configuration error."
     )
     add("sync", "mirror new files from SFTP into the inbox; post nothing")
-    p = add("status", "per-file state: posted, rejected, too large, pending")
+    p = add(
+        "status",
+        "per-file state: arrival, outcome, ESIID, meter, the app's id, the reason and the data "
+        "summary; files that need an operator first",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("forget", "drop a file from the ledger so the next pass re-posts it")
-    p.add_argument("target", metavar="PATH|SHA256", help="an inbox file or its sha256")
+    target_help = (
+        "a file (as given, or relative to the inbox, as status prints it), its sha256, or a "
+        "unique prefix of at least 6 hex digits"
+    )
+    p = add(
+        "forget",
+        "drop a file from the ledger (posted, refused or ignored): the next pass handles it again",
+    )
+    p.add_argument("target", metavar="FILE|SHA256", help=target_help)
+    p = add("ignore", "settle a file for good: never posted, shown as ignored in status")
+    p.add_argument("target", metavar="FILE|SHA256", help=target_help)
+    p.add_argument("--reason", required=True, help="why (kept in the ledger, shown in status)")
     p = add("post", "post one file now (ledger updated, lock held)")
-    p.add_argument("path", help="the CSV to post")
+    p.add_argument("path", metavar="FILE|SHA256", help="the CSV to post; " + target_help)
     p.add_argument("--esiid", help="ESIID to attribute the file to (17 digits)")
     p.add_argument("--meter", help="meter id, e.g. M1")
     p.add_argument("--force", action="store_true", help="post even if the ledger has it")

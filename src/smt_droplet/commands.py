@@ -14,7 +14,9 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import (
     ConfigError,
@@ -28,7 +30,7 @@ from .esiid import normalize_esiid
 from .ingest import post_pending, run_pass
 from .ledger import Ledger, LedgerError, is_digest
 from .lock import LockBusy, PassLock, lock_path_for
-from .outcomes import ExitCode, Outcome
+from .outcomes import SETTLED_STATES, ExitCode, Outcome
 from .status import format_report, status_report
 from .sync import run_sync
 
@@ -83,48 +85,138 @@ def run_status_command(env: Mapping[str, str], args: argparse.Namespace) -> Exit
     return ExitCode.OK
 
 
+@dataclass
+class Target:
+    """What ``forget``/``ignore``/``post`` were pointed at."""
+
+    digest: str
+    path: Path | None  # the file, when it exists (always for ``post``)
+    rel: str  # as ``status`` prints it (inbox-relative), or the digest
+
+
+MIN_PREFIX = 6
+
+
+def resolve_target(inbox: InboxSettings, ledger: Ledger, target: str) -> Target:
+    """A file (as given, or relative to the inbox: what ``status`` prints), a full sha256, or a
+    unique prefix of one (at least 6 hex digits) the ledger knows. Raises ConfigError."""
+    target = target.strip()
+    for candidate in (Path(target), inbox.local_dir / target):
+        if candidate.is_file():
+            return _file_target(inbox, ledger, candidate)
+    lowered = target.lower()
+    if len(lowered) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered):
+        matches = sorted(d for d in ledger.known_digests() if d.startswith(lowered))
+        if len(matches) > 1:
+            raise ConfigError(f"{target} is ambiguous: {len(matches)} digests start with it")
+        if matches or is_digest(lowered):
+            digest = matches[0] if matches else lowered
+            rel = ledger.path_of(digest)
+            path = inbox.local_dir / rel if rel else None
+            if path is not None and not path.is_file():
+                path = None
+            return Target(digest, path, rel or digest)
+    raise ConfigError(
+        f"{target}: neither a file (as given or under {inbox.local_dir}) nor a digest (or a "
+        f"unique prefix of at least {MIN_PREFIX} hex digits) the ledger knows"
+    )
+
+
+def _file_target(inbox: InboxSettings, ledger: Ledger, path: Path) -> Target:
+    try:
+        rel = str(path.resolve().relative_to(inbox.local_dir.resolve()))
+    except ValueError:
+        rel = str(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Target(digest, path, rel)
+
+
 def run_forget_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
     inbox = InboxSettings.from_env(env)
     check_state_dir(inbox.state_file)
-    target = args.target.strip()
-    if is_digest(target) and not os.path.exists(target):
-        digest = target.lower()
-    else:
-        path = Path(target)
-        if not path.is_file():
-            log.error("forget: %s is neither a file nor a sha256", target)
-            return ExitCode.CONFIG
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
         with PassLock(lock_path_for(inbox.state_file), wait=inbox.lock_wait):
             ledger = Ledger.load(inbox.state_file)
-            known = ledger.is_posted(digest) or ledger.outcome(digest) is not None
-            removed = ledger.forget({digest})
+            target = resolve_target(inbox, ledger, args.target)
+            known = ledger.is_posted(target.digest) or ledger.outcome(target.digest) is not None
+            removed = ledger.forget({target.digest})
             ledger.save()
     except LockBusy as exc:
         log.error("forget: %s; try again when it has finished", exc)
         return ExitCode.RETRY
     if not known:
-        log.warning("forget: %s was not in the ledger %s", digest, inbox.state_file)
+        log.warning(
+            "forget: %s (%s) was not in the ledger %s", target.rel, target.digest, inbox.state_file
+        )
     else:
-        log.info("forgot %s (%d ledger line(s)); the next pass re-posts it", digest, removed)
+        log.info(
+            "forgot %s sha256=%s (%d ledger line(s)); the next pass posts it again",
+            target.rel,
+            target.digest,
+            removed,
+        )
     return ExitCode.OK
+
+
+def run_ignore_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
+    """Settle a file for good: a tombstone in the ledger, never posted, shown as ``ignored``."""
+    inbox = InboxSettings.from_env(env)
+    reason = " ".join(args.reason.split())
+    if not reason:
+        raise ConfigError("ignore: --reason must say why (it is shown in status)")
+    check_state_dir(inbox.state_file)
+    try:
+        with PassLock(lock_path_for(inbox.state_file), wait=inbox.lock_wait):
+            ledger = Ledger.load(inbox.state_file)
+            target = resolve_target(inbox, ledger, args.target)
+            if ledger.is_posted(target.digest):
+                log.error(
+                    "ignore: %s sha256=%s was already posted; nothing to ignore",
+                    target.rel,
+                    target.digest,
+                )
+                return ExitCode.CONFIG
+            previous = ledger.outcomes.get(target.digest) or {}
+            kept: dict[str, Any] = {
+                k: previous[k] for k in ("esiid", "meter", "summary") if k in previous
+            }
+            kept["was"] = previous.get("status")
+            ledger.record_outcome(
+                target.digest, Outcome.IGNORED, reason, target.rel, {**kept, "by": _operator()}
+            )
+            ledger.save()
+    except LockBusy as exc:
+        log.error("ignore: %s; try again when it has finished", exc)
+        return ExitCode.RETRY
+    log.info(
+        "ignored %s sha256=%s: %s (undo with `smt-droplet forget %s`)",
+        target.rel,
+        target.digest,
+        reason,
+        target.digest[:12],
+    )
+    return ExitCode.OK
+
+
+def _operator() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
 
 
 def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
     settings = PostSettings.from_env(env)
     pgp = PgpSettings.from_env(env)
-    path = Path(args.path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
     if args.esiid and normalize_esiid(args.esiid) is None:
         raise ConfigError(f"--esiid {args.esiid!r} is not 17 digits")
+    inbox = InboxSettings.from_env(env)
+    target = resolve_target(inbox, Ledger.load(settings.state_file), args.path)
+    if target.path is None:
+        raise ConfigError(f"{args.path}: sha256={target.digest} is not a file in the inbox")
     check_state_dir(settings.state_file)
     try:
         with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
             result = post_pending(
                 settings,
-                paths=[path],
+                paths=[target.path],
                 force=getattr(args, "force", False),
                 esiid=args.esiid,
                 meter=args.meter,
@@ -136,7 +228,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
     for r in result.files:
         if r.outcome == Outcome.SKIPPED_POSTED:
             log.info("skipped-already-posted %s sha256=%s (use --force)", r.path, r.sha256)
-        elif r.outcome in (Outcome.SKIPPED_REJECTED, Outcome.SKIPPED_TOO_LARGE):
+        elif r.outcome in SETTLED_STATES.values():
             log.info("%s %s %s (use --force)", r.outcome, r.path, r.reason)
     log.info("%s", result.summary_line())
     return result.exit_code
@@ -149,4 +241,5 @@ HANDLERS = {
     "status": run_status_command,
     "forget": run_forget_command,
     "post": run_post_command,
+    "ignore": run_ignore_command,
 }

@@ -16,9 +16,13 @@ Two files, two jobs:
 ``<STATE_FILE>.json`` (the sidecar)
     Advisory, richer state, written atomically with :func:`smt_droplet.durable.write_json_atomic`:
     ``hashes`` — the (relative path, size, mtime_ns) → sha256 cache that keeps an idle pass from
-    re-reading every file; ``outcomes`` — per sha256 the last non-retryable outcome
-    (``rejected`` with the app's error code, ``too-large`` with both sizes) so it is not retried
-    until the file changes or an operator runs ``forget``; ``posted`` — the app's ``id`` and when.
+    re-reading every file, plus when the file was first seen in the inbox; ``outcomes`` — per
+    sha256 the last outcome that was not a post: those that settle the bytes (``rejected`` with
+    the app's error code, ``too-large`` with both sizes, ``not-csv``, and ``ignored``, the
+    operator's tombstone) are not tried again until the file changes or an operator runs
+    ``forget``; ``no-esiid`` and ``failed-will-retry`` are remembered for ``status`` only;
+    ``posted`` — the app's ``id`` and when. Every record also carries the ``esiid``, ``meter``
+    and the file's data ``summary`` (:mod:`smt_droplet.csvdata`) when they are known.
     A PGP delivery (``.asc``) adds ``via: "pgp"``, the zip ``member`` that was posted and its
     ``csv_sha256`` to its ``posted``/``outcomes`` record (``smt-droplet status`` shows them).
     Losing the sidecar costs a re-hash and, at worst, one more rejected POST; never a double
@@ -177,7 +181,7 @@ class Ledger:
         ledger.hashes = {
             k: v
             for k, v in _section(raw, "hashes").items()
-            if isinstance(v, list) and len(v) == 3 and isinstance(v[2], str)
+            if isinstance(v, list) and len(v) in (3, 4) and isinstance(v[2], str)
         }
         ledger.outcomes = {
             k: v for k, v in _section(raw, "outcomes").items() if isinstance(v, dict)
@@ -194,9 +198,25 @@ class Ledger:
         return None
 
     def remember_digest(self, rel: str, size: int, mtime_ns: int, digest: str) -> None:
-        if self.hashes.get(rel) != [size, mtime_ns, digest]:
-            self.hashes[rel] = [size, mtime_ns, digest]
+        entry = self.hashes.get(rel)
+        if entry is None or entry[:3] != [size, mtime_ns, digest]:
+            seen = entry[3] if entry is not None and len(entry) == 4 else round(time.time(), 3)
+            self.hashes[rel] = [size, mtime_ns, digest, seen]
             self._dirty = True
+
+    def first_seen(self, rel: str) -> float | None:
+        """When a pass (or ``status``) first saw ``rel`` in the inbox (``None``: before this
+        was recorded)."""
+        entry = self.hashes.get(rel)
+        return float(entry[3]) if entry is not None and len(entry) == 4 else None
+
+    def path_of(self, digest: str) -> str | None:
+        """The inbox path whose cached digest is ``digest`` (the first one, if copies)."""
+        return next((rel for rel, entry in self.hashes.items() if entry[2] == digest), None)
+
+    def known_digests(self) -> set[str]:
+        """Every digest the ledger knows: posted, with an outcome, or in the inbox."""
+        return self.posted | set(self.outcomes) | {str(e[2]) for e in self.hashes.values()}
 
     def invalidate_digest(self, rel: str) -> None:
         """Forget the cached digest of ``rel`` (its content changed under the same size and

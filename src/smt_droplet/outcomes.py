@@ -6,12 +6,18 @@ answers' classification (:mod:`smt_droplet.inline_post`).
 
 Exit codes (every command; systemd shows anything but 0 as a failed run):
 
-* 0 — every file posted or deliberately skipped (already posted, rejected, too large: see
-  ``smt-droplet status``), or another pass holds the lock;
-* 1 — something is left to retry (a POST failed after its retries, a file without ESIID, the
-  SFTP sync failed, the ledger could not be written);
+* 0 — every file posted, deliberately skipped (already posted, ignored) or set aside for an
+  operator (see below), or another pass holds the lock;
+* 1 — something is left to retry (a POST failed after its retries, the SFTP sync failed, the
+  ledger could not be written): the timer's next pass tries again;
 * 2 — configuration error (missing/malformed setting, unreadable key, unknown/changed host key,
   401/503 from the app).
+
+Files that **need an operator** (:data:`NEEDS_OPERATOR`: no ESIID, rejected by the app, too
+large, not a CSV, an undecryptable PGP delivery) do not fail the pass: retrying cannot fix them.
+They are logged as a warning the first time a pass meets them, counted in every summary line,
+``status``, the metrics and the alerts, and stay there until the operator settles them
+(``smt-droplet post FILE --esiid E``, ``forget`` after fixing the cause, or ``ignore``).
 """
 
 from __future__ import annotations
@@ -41,15 +47,34 @@ class Outcome(StrEnum):
     TOO_LARGE = "too-large"  # the encoded body is over SMT_MAX_BODY_BYTES; never sent
     FAILED = "failed-will-retry"  # 5xx, timeout, connection error, 429 after the retries
     NO_ESIID = "no-esiid"
+    NOT_CSV = "not-csv"  # empty, binary, markup: never posted
+    SKIPPED_NOT_CSV = "skipped-not-csv"
+    IGNORED = "ignored"  # the operator settled it with `smt-droplet ignore`
     WOULD_POST = "would-post"  # check mode
     NOT_ATTEMPTED = "not-attempted"  # the pass stopped before this file
     UNRECORDED = "posted-unrecorded"  # the app answered 200 but the ledger append failed
     FATAL = "fatal"  # 401/503: the token or the app is misconfigured; the pass stops
 
 
-RETRY_OUTCOMES = frozenset(
-    {Outcome.FAILED, Outcome.NO_ESIID, Outcome.NOT_ATTEMPTED, Outcome.UNRECORDED}
+RETRY_OUTCOMES = frozenset({Outcome.FAILED, Outcome.NOT_ATTEMPTED, Outcome.UNRECORDED})
+NEEDS_OPERATOR = frozenset(
+    {
+        Outcome.NO_ESIID,
+        Outcome.REJECTED,
+        Outcome.TOO_LARGE,
+        Outcome.NOT_CSV,
+        Outcome.SKIPPED_REJECTED,
+        Outcome.SKIPPED_TOO_LARGE,
+        Outcome.SKIPPED_NOT_CSV,
+    }
 )
+# What the ledger remembers as settled for the same bytes (not posted again until `forget`).
+SETTLED_STATES = {
+    Outcome.REJECTED: Outcome.SKIPPED_REJECTED,
+    Outcome.TOO_LARGE: Outcome.SKIPPED_TOO_LARGE,
+    Outcome.NOT_CSV: Outcome.SKIPPED_NOT_CSV,
+    Outcome.IGNORED: Outcome.IGNORED,
+}
 ACCEPTED_OUTCOMES = frozenset({Outcome.POSTED, Outcome.DUPLICATE})
 # The order of the summary line (other outcomes follow, sorted).
 SUMMARY_ORDER = (
@@ -60,6 +85,7 @@ SUMMARY_ORDER = (
     Outcome.TOO_LARGE,
     Outcome.FAILED,
     Outcome.NO_ESIID,
+    Outcome.IGNORED,
 )
 
 
@@ -76,10 +102,16 @@ class FileResult:
     reason: str = ""
     size: int = 0
     member: str | None = None  # PGP delivery: the zip entry that was (or would be) posted
+    summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of what was posted
+    reported_before: bool = False  # needs an operator, and an earlier pass already said so
+
+    @property
+    def needs_operator(self) -> bool:
+        return self.outcome in NEEDS_OPERATOR
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (a module's ``results``)."""
-        return {**asdict(self), "outcome": str(self.outcome)}
+        return {**asdict(self), "outcome": str(self.outcome), "needs_operator": self.needs_operator}
 
 
 @dataclass
@@ -95,6 +127,9 @@ class PassResult:
 
     def counts(self) -> dict[str, int]:
         return {str(k): v for k, v in Counter(f.outcome for f in self.files).items()}
+
+    def needing_operator(self) -> list[FileResult]:
+        return [f for f in self.files if f.needs_operator]
 
     @property
     def exit_code(self) -> ExitCode:
@@ -116,6 +151,7 @@ class PassResult:
         counts = self.counts()
         parts = [f"{name}={counts.get(name, 0)}" for name in SUMMARY_ORDER]
         parts += [f"{k}={v}" for k, v in sorted(counts.items()) if k not in SUMMARY_ORDER]
+        parts.append(f"needs-operator={len(self.needing_operator())}")
         if self.sync is not None:
             parts.append(f"downloaded={len(self.sync.downloaded)}")
         if self.sync_error:
@@ -130,6 +166,7 @@ class PassResult:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "exit_code": int(self.exit_code),
             "counts": self.counts(),
+            "needs_operator": len(self.needing_operator()),
             "downloaded": len(self.sync.downloaded) if self.sync is not None else None,
             "sync_error": self.sync_error,
             "fatal": self.fatal,

@@ -2,8 +2,15 @@
 
 The pass, the ``post`` command and the ``smt_inline_post`` module all go through it::
 
-    digest (cached by size+mtime) → settled? (posted, or rejected/too large before) → read →
-    check mode? → attribute (attribution.py) → post (inline_post.py) → record (ledger.py)
+    digest (cached by size+mtime) → settled? (posted, or rejected/too large/not a CSV/ignored
+    before) → read → a CSV at all? and its data summary (csvdata.py) → check mode? →
+    attribute (attribution.py) → post (inline_post.py) → record (ledger.py)
+
+Files that need an operator (no ESIID, rejected, too large, not a CSV) are recorded in the
+ledger's sidecar with their reason, ESIID, meter and data summary; a later pass that meets the
+same bytes again marks its result ``reported_before`` (one DEBUG line, not another warning). A
+``no-esiid`` file is attributed again on every pass (a request or ``ESIID_DEFAULT`` may have
+arrived since); the others are settled until ``forget``.
 
 Check mode is decided in one place, :func:`process_file`: nothing is decrypted, posted or
 recorded; the result says ``would-post`` (or ``no-esiid``) with the ESIID the file would get.
@@ -27,10 +34,11 @@ from typing import Any
 
 from .attribution import HEAD_BYTES, attribute
 from .config import ConfigError, PgpSettings, PostSettings
+from .csvdata import brief, sniff, summarize
 from .esiid import esiid_from_name, meter_from_name, normalize_esiid
 from .inbox import InboxFile
 from .ledger import Ledger
-from .outcomes import ACCEPTED_OUTCOMES, FileResult, Outcome
+from .outcomes import ACCEPTED_OUTCOMES, SETTLED_STATES, FileResult, Outcome
 from .pgp_delivery import DeliveryError, ExtractedCsv, extract, looks_armored
 from .plan import RunPlan
 
@@ -83,12 +91,16 @@ def process_file(
         (ctx.settings.esiid_default, ctx.settings.meter_default),
     ]
     armored = looks_armored(data)  # content decides, not the name
+    if not armored and not _is_csv(ctx, result, data, item.rel):
+        return result
     if ctx.check:
         return _would_post(result, item, data, defaults, armored)
     if armored:
         return _process_delivery(ctx, item, result, data, defaults)
     if _attribute_plain(result, item, data, defaults):
         _post_and_record(ctx, result, item.path, data, item.mtime, item.rel)
+    else:
+        _note_no_esiid(ctx.ledger, result, item.rel)
     return result
 
 
@@ -129,20 +141,48 @@ def _unreadable(result: FileResult, exc: OSError) -> None:
 
 
 def _settled(ledger: Ledger, digest: str, result: FileResult) -> bool:
-    """Already posted, or refused before for a reason the same bytes cannot fix."""
+    """Already posted, refused before for a reason the same bytes cannot fix, or ignored."""
     if ledger.is_posted(digest):
         result.outcome = Outcome.SKIPPED_POSTED
         return True
     previous = ledger.outcome(digest)
-    if previous is not None and previous.status in (Outcome.REJECTED, Outcome.TOO_LARGE):
-        result.outcome = (
-            Outcome.SKIPPED_REJECTED
-            if previous.status == Outcome.REJECTED
-            else Outcome.SKIPPED_TOO_LARGE
-        )
-        result.reason = previous.reason
-        return True
-    return False
+    if previous is None or previous.status not in SETTLED_STATES:
+        return False
+    result.outcome = SETTLED_STATES[Outcome(previous.status)]
+    result.reason = previous.reason
+    result.reported_before = True
+    record = ledger.outcomes.get(digest) or {}
+    result.esiid, result.meter = record.get("esiid"), record.get("meter")
+    return True
+
+
+def _is_csv(ctx: PostContext, result: FileResult, data: bytes, rel: str) -> bool:
+    """Sniff and summarize a plain file; one that is not a CSV is settled as ``not-csv``."""
+    ok, why = sniff(data)
+    if not ok:
+        result.outcome, result.reason = Outcome.NOT_CSV, why
+        if not ctx.check:
+            assert result.sha256 is not None
+            ctx.ledger.record_outcome(result.sha256, Outcome.NOT_CSV, why, rel)
+        return False
+    result.summary = summarize(data).to_dict()
+    return True
+
+
+def _note_no_esiid(ledger: Ledger, result: FileResult, rel: str) -> None:
+    """Remember a ``no-esiid`` file (for ``status``), and whether an earlier pass said so."""
+    assert result.sha256 is not None
+    previous = ledger.outcome(result.sha256)
+    result.reported_before = previous is not None and previous.status == Outcome.NO_ESIID
+    ledger.record_outcome(result.sha256, Outcome.NO_ESIID, result.reason, rel, facts(result))
+
+
+def facts(result: FileResult) -> dict[str, Any]:
+    """What the ledger keeps about a file besides its outcome (only what is known)."""
+    known = {"esiid": result.esiid, "meter": result.meter, "summary": result.summary}
+    if result.member:
+        known["member"] = result.member
+    return {k: v for k, v in known.items() if v is not None}
 
 
 def _attribute_plain(result: FileResult, item: InboxFile, data: bytes, defaults: Defaults) -> bool:
@@ -153,7 +193,11 @@ def _attribute_plain(result: FileResult, item: InboxFile, data: bytes, defaults:
     result.meter = override_meter or who.meter
     if result.esiid is None:
         result.outcome = Outcome.NO_ESIID
-        result.reason = "no ESIID in the name, the content, a request or ESIID_DEFAULT"
+        result.reason = (
+            "no ESIID in the name, the content, a request or ESIID_DEFAULT; settle it with "
+            f"`smt-droplet post {item.rel} --esiid ESIID` or `smt-droplet ignore {item.rel} "
+            "--reason TEXT`"
+        )
         return False
     return True
 
@@ -199,8 +243,12 @@ def _process_delivery(
             except OSError as exc:  # the extracted CSV vanished under us (tmp cleaner): retry
                 result.outcome, result.reason = Outcome.FAILED, f"pgp:io: {exc.strerror or exc}"
                 return result
+            if not _is_csv(ctx, result, csv, item.rel):
+                return result
             if _attribute_member(result, item, x, csv, defaults):
                 _post_and_record(ctx, result, x.path, csv, item.mtime, item.rel, delivery=x)
+            else:
+                _note_no_esiid(ctx.ledger, result, item.rel)
     except DeliveryError as exc:
         reason = f"pgp:{exc.code}: {exc.reason}"
         status = Outcome.FAILED if exc.retryable else Outcome.REJECTED
@@ -227,7 +275,8 @@ def _attribute_member(
         result.outcome = Outcome.NO_ESIID
         result.reason = (
             f"no ESIID in the .asc name, member {x.member!r}, its content, a request "
-            "or ESIID_DEFAULT"
+            f"or ESIID_DEFAULT; settle it with `smt-droplet post {item.rel} --esiid ESIID` or "
+            f"`smt-droplet ignore {item.rel} --reason TEXT`"
         )
         return False
     return True
@@ -276,9 +325,9 @@ def _record(
     """Write the app's answer (an ``inline_post.PostOutcome``) into the ledger and ``result``."""
     digest = result.sha256
     assert digest is not None
-    extra = None
+    extra = facts(result)
     if delivery is not None:
-        extra = {"via": "pgp", "member": delivery.member, "csv_sha256": delivery.csv_sha256}
+        extra.update(via="pgp", member=delivery.member, csv_sha256=delivery.csv_sha256)
     if answer.outcome in ACCEPTED_OUTCOMES:
         duplicate = answer.outcome == Outcome.DUPLICATE
         if delivery is not None and not ledger.is_posted(delivery.csv_sha256):
@@ -288,7 +337,7 @@ def _record(
                 f"{rel}!{delivery.member}",
                 answer.app_id,
                 duplicate,
-                {"via": "pgp", "delivery_sha256": digest},
+                {**facts(result), "via": "pgp", "delivery_sha256": digest},
             )
         ledger.record_posted(digest, rel, answer.app_id, duplicate, extra)
         result.outcome = answer.outcome
@@ -315,11 +364,13 @@ def new_session() -> Any:
 
 
 def log_result(r: FileResult) -> None:
-    """One line per file and outcome (already-posted files at DEBUG: an idle pass over
-    thousands of files would flood the journal; the summary line counts them)."""
+    """One line per file and outcome. Already-posted and ignored files, and files an earlier
+    pass already reported as needing an operator, go at DEBUG: an idle pass over thousands of
+    files would flood the journal; the summary line counts them."""
+    data = f" {brief(r.summary)}" if r.summary else ""
     if r.outcome in ACCEPTED_OUTCOMES:
         log.info(
-            "%s %s esiid=%s meter=%s sha256=%s id=%s%s",
+            "%s %s esiid=%s meter=%s sha256=%s id=%s%s%s",
             r.outcome,
             r.path,
             r.esiid,
@@ -327,16 +378,26 @@ def log_result(r: FileResult) -> None:
             r.sha256,
             r.app_id,
             f" pgp-member={r.member}" if r.member else "",
+            data,
         )
-    elif r.outcome == Outcome.SKIPPED_POSTED:
-        log.debug("%s %s sha256=%s", r.outcome, r.path, r.sha256)
-    elif r.outcome == Outcome.REJECTED:
-        log.warning("rejected %s code=%s", r.path, r.reason)
-    elif r.outcome == Outcome.TOO_LARGE:
-        log.warning("too-large %s %s", r.path, r.reason)
-    elif r.outcome in (Outcome.FAILED, Outcome.NO_ESIID):
+    elif r.outcome in (Outcome.SKIPPED_POSTED, Outcome.IGNORED):
+        log.debug("%s %s sha256=%s %s", r.outcome, r.path, r.sha256, r.reason)
+    elif r.needs_operator:
+        level = logging.DEBUG if r.reported_before else logging.WARNING
+        log.log(
+            level,
+            "%s %s needs an operator: %s sha256=%s%s",
+            r.outcome,
+            r.path,
+            r.reason,
+            r.sha256,
+            data,
+        )
+    elif r.outcome == Outcome.FAILED:
         log.warning("%s %s %s", r.outcome, r.path, r.reason)
     elif r.outcome == Outcome.WOULD_POST:
-        log.info("would-post %s esiid=%s meter=%s sha256=%s", r.path, r.esiid, r.meter, r.sha256)
+        log.info(
+            "would-post %s esiid=%s meter=%s sha256=%s%s", r.path, r.esiid, r.meter, r.sha256, data
+        )
     else:
         log.info("%s %s %s", r.outcome, r.path, r.reason)

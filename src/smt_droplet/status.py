@@ -4,15 +4,18 @@ text or JSON by the caller."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import spool
 from .config import InboxSettings
+from .csvdata import brief
 from .inbox import scan_inbox
 from .ledger import Ledger, LedgerError
 from .lock import lock_path_for
+from .outcomes import NEEDS_OPERATOR
 from .process import file_digest
 
 log = logging.getLogger("smt_droplet.status")
@@ -23,7 +26,8 @@ class FileStatus:
     """One row of ``smt-droplet status``."""
 
     path: str
-    state: str  # posted | rejected | too-large | failed-will-retry (PGP only) | pending
+    # posted | rejected | too-large | not-csv | no-esiid | ignored | failed-will-retry | pending
+    state: str
     sha256: str
     size: int
     reason: str = ""
@@ -31,6 +35,12 @@ class FileStatus:
     via: str | None = None  # "pgp" for a PGP delivery the pass has handled
     member: str | None = None  # its zip entry that was posted (or rejected by the app)
     csv_sha256: str | None = None  # that entry's digest
+    arrived: str | None = None  # first seen in the inbox (else the file's mtime), UTC ISO
+    at: str | None = None  # when the state was reached, UTC ISO
+    esiid: str | None = None
+    meter: str | None = None
+    needs_operator: bool = False
+    summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of the posted CSV
 
 
 def status_report(settings: InboxSettings) -> dict[str, Any]:
@@ -53,18 +63,22 @@ def inbox_status(settings: InboxSettings) -> dict[str, Any]:
                 digest, _ = file_digest(ledger, item)
             except OSError:
                 continue
-        rows.append(_row(ledger, item.rel, digest, item.size))
+        row = _row(ledger, item.rel, digest, item.size)
+        row.arrived = _iso(ledger.first_seen(item.rel) or item.mtime)
+        rows.append(row)
     try:
         ledger.save()
     except LedgerError as exc:
         log.debug("hash cache not saved: %s", exc)
     seen = {r.sha256 for r in rows}
+    rows.sort(key=lambda r: (not r.needs_operator, r.path))
     return {
         "inbox": str(settings.local_dir),
         "state_file": str(settings.state_file),
         "ledger_entries": len(ledger.posted),
         "ledger_entries_not_in_inbox": len(ledger.posted - seen),
         "counts": dict(Counter(r.state for r in rows)),
+        "needs_operator": sum(r.needs_operator for r in rows),
         "files": [asdict(r) for r in rows],
     }
 
@@ -80,6 +94,11 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
     else:
         state, reason, info = "pending", "", {}
     row = FileStatus(rel, state, digest, size, reason, app.get("id"))
+    row.needs_operator = state in NEEDS_OPERATOR
+    row.at = _iso(info["at"]) if isinstance(info.get("at"), int | float) else None
+    row.esiid = _str_or_none(info.get("esiid"))
+    row.meter = _str_or_none(info.get("meter"))
+    row.summary = info.get("summary") if isinstance(info.get("summary"), dict) else None
     if info.get("via") == "pgp":
         row.via = "pgp"
         row.member = _str_or_none(info.get("member"))
@@ -87,22 +106,37 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
     return row
 
 
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
-    """The text form: one line per file, then one line of totals."""
+    """The text form: one line per file (those that need an operator first, their reason on
+    the line), then one line of totals."""
     lines = []
     for row in report["files"]:
-        extra = f" {row['reason']}" if row["reason"] else ""
-        app = f" id={row['app_id']}" if row["app_id"] else ""
+        parts = [f"{row['state']:<17}", row["path"], f"sha256={row['sha256'][:12]}"]
+        parts.append(f"arrived={row['arrived'] or '-'}")
+        if row["at"]:
+            parts.append(f"at={row['at']}")
+        parts.append(f"esiid={row['esiid'] or '-'} meter={row['meter'] or '-'}")
+        if row["app_id"]:
+            parts.append(f"id={row['app_id']}")
         if row["member"]:
-            extra += f" pgp-member={row['member']}"
-        lines.append(f"{row['state']:<10} {row['path']} sha256={row['sha256'][:12]}{app}{extra}")
+            parts.append(f"pgp-member={row['member']}")
+        if row["summary"]:
+            parts.append(brief(row["summary"]))
+        if row["reason"]:
+            parts.append(f"reason: {row['reason']}")
+        lines.append(" ".join(parts))
     counts = " ".join(f"{k}={v}" for k, v in sorted(report["counts"].items()))
     lines.append(
         f"ledger={report['ledger_entries']} (not in inbox: "
-        f"{report['ledger_entries_not_in_inbox']}) {counts} queued={report['queued_requests']}"
+        f"{report['ledger_entries_not_in_inbox']}) {counts} "
+        f"needs-operator={report['needs_operator']} queued={report['queued_requests']}"
     )
     return lines
