@@ -90,6 +90,27 @@ options:
       - GnuPG home holding the droplet's private key, for PGP deliveries (C(SMT_GNUPG_HOME));
         default C(~/.gnupg) of the user the module runs as.
     type: path
+  spool_dir:
+    description: >-
+      The ingest spool (C(SMT_SPOOL_DIR)); the pass's record is written to its
+      C(status/last-ingest.json), as the timer's pass does. Default C(/var/spool/smt-ingest).
+    type: path
+  metrics_dir:
+    description: >-
+      node_exporter textfile directory for C(smt_ingest.prom) (C(SMT_METRICS_DIR)); unset: no
+      metrics file.
+    type: path
+  sync_error:
+    description: >-
+      The SFTP sync of this pass failed with this message (from M(smt_sftp_sync)); the pass's
+      record then says so and its exit code is 1, like a timer pass whose sync failed.
+    type: str
+  fail_on_retry:
+    description: >-
+      Fail when something is left to retry (exit code 1). C(false) returns normally with
+      C(exit_code) and C(left_to_retry), for a playbook that reports first and fails at the end.
+    type: bool
+    default: true
 requirements:
   - python3-requests (requests >= 2.28) on the target
 attributes:
@@ -103,6 +124,11 @@ attributes:
     support: none
 notes:
   - The token is never logged nor returned (C(no_log)).
+  - The run is one ingest pass like the timer's (except in check mode) - its log lines go to the
+    journal under the units' identifier (C(journalctl -t smt-ingest)), its record to the spool's
+    C(status/last-ingest.json) and its metrics to C(metrics_dir).
+  - Files that need an operator (no ESIID, rejected, too large, not a CSV) do not fail the
+    module; they are listed in C(needs_operator).
 """
 
 EXAMPLES = r"""
@@ -132,8 +158,9 @@ results:
     outcome:
       description: >-
         C(posted), C(duplicate), C(would-post) (check mode), C(skipped-already-posted),
-        C(skipped-rejected), C(skipped-too-large), C(rejected), C(too-large),
-        C(failed-will-retry), C(no-esiid) or C(not-attempted).
+        C(skipped-rejected), C(skipped-too-large), C(skipped-not-csv), C(ignored),
+        C(rejected), C(too-large), C(not-csv), C(failed-will-retry), C(no-esiid) or
+        C(not-attempted).
       type: str
     sha256:
       description: sha256 of the file's bytes.
@@ -157,6 +184,14 @@ results:
     member:
       description: For a PGP delivery, the zip entry that was posted; else null.
       type: str
+    summary:
+      description: >-
+        The data summary of the CSV (layout, ESIIDs, first and last interval, intervals present
+        and expected, gap days, estimated share, kWh total); null when not read.
+      type: dict
+    needs_operator:
+      description: Whether the file waits for a person (see C(needs_operator) below).
+      type: bool
   sample: [{"path": "IntervalMeterUsage_10443720000000099_20251101.csv", "outcome": "posted",
             "sha256": "9f2c...", "esiid": "10443720000000099", "meter": "M1", "app_id": "42",
             "reason": "", "size": 2612345}]
@@ -165,13 +200,30 @@ summary:
   returned: always
   type: dict
   sample: {"posted": 2, "skipped-already-posted": 17}
+exit_code:
+  description: The pass's exit code (0 done, 1 left to retry, 2 configuration).
+  returned: success
+  type: int
+needs_operator:
+  description: The results of the files that need an operator decision.
+  returned: success
+  type: list
+  elements: dict
+left_to_retry:
+  description: One line per thing the next pass retries (the sync, files).
+  returned: success
+  type: list
+  elements: str
 log:
-  description: The package's log lines for this run (never the token).
+  description: >-
+    The package's log lines for this run (never the token); on failure only its warnings and
+    errors (the whole log is in the journal).
   returned: always
   type: list
   elements: str
 """
 
+import logging
 import traceback
 from pathlib import Path
 
@@ -184,15 +236,17 @@ try:
 except ImportError:
     REQUESTS_ERROR = traceback.format_exc()
 
-from ansible.module_utils.smt_droplet.ansible_support import pass_lock, run_module
+from ansible.module_utils.smt_droplet.ansible_support import pass_lock, run_module, trouble
 from ansible.module_utils.smt_droplet.config import (
     ConfigError,
     PgpSettings,
     PostSettings,
+    RecordSettings,
     check_state_dir,
 )
 from ansible.module_utils.smt_droplet.ingest import post_pending
 from ansible.module_utils.smt_droplet.outcomes import RETRY_OUTCOMES, Outcome, PassResult
+from ansible.module_utils.smt_droplet.passrecord import finish_pass
 
 OPTION_ENV = {
     "base_url": "INTELLIWATT_BASE_URL",
@@ -209,6 +263,8 @@ OPTION_ENV = {
     "http_timeout": "SMT_HTTP_TIMEOUT",
     "lock_wait": "SMT_LOCK_WAIT",
     "gnupg_home": "SMT_GNUPG_HOME",
+    "spool_dir": "SMT_SPOOL_DIR",
+    "metrics_dir": "SMT_METRICS_DIR",
 }
 
 
@@ -232,6 +288,10 @@ def main() -> None:
             "http_timeout": {"type": "float"},
             "lock_wait": {"type": "float"},
             "gnupg_home": {"type": "path"},
+            "spool_dir": {"type": "path"},
+            "metrics_dir": {"type": "path"},
+            "sync_error": {"type": "str"},
+            "fail_on_retry": {"type": "bool", "default": True},
         },
         supports_check_mode=True,
     )
@@ -249,14 +309,20 @@ def main() -> None:
         paths = _existing_paths(module.params["paths"])
         if not module.check_mode:  # read-only in check mode: no lock, ledger, cache or HTTP
             check_state_dir(settings.state_file)
+        result = PassResult(sync_error=module.params["sync_error"] or None)
         with pass_lock(settings.state_file, settings.lock_wait, module.check_mode):
-            return post_pending(
+            post_pending(
                 settings,
                 paths=paths or None,
                 force=module.params["force"],
                 check=module.check_mode,
                 pgp=pgp,
+                result=result,
             )
+            if not module.check_mode:
+                logging.getLogger("smt_droplet.ingest").info("%s", result.summary_line())
+                finish_pass(RecordSettings.from_env(env), result, trigger="ansible")
+        return result
 
     result, lines = run_module(module, OPTION_ENV, post)
     _report(module, result, lines)
@@ -277,19 +343,26 @@ def _report(module: AnsibleModule, result: PassResult, lines: list[str]) -> None
         "changed": any(f.outcome in changed_by for f in result.files),
         "results": [f.to_dict() for f in result.files],
         "summary": result.counts(),
+        "exit_code": int(result.exit_code),
+        "needs_operator": [f.to_dict() for f in result.needing_operator()],
         "log": lines,
     }
     if result.fatal:
+        out["log"] = trouble(lines)
         module.fail_json(
             msg=f"web app refused the token or is misconfigured: {result.fatal}", **out
         )
-    if result.exit_code != 0:
-        left = [
-            f"{f.path}: {f.outcome} {f.reason}".strip()
-            for f in result.files
-            if f.outcome in RETRY_OUTCOMES and f.outcome != Outcome.UNRECORDED
-        ]
-        module.fail_json(msg="files left to retry: " + "; ".join(left), **out)
+    left = [
+        f"{f.path}: {f.outcome} {f.reason}".strip()
+        for f in result.files
+        if f.outcome in RETRY_OUTCOMES and f.outcome != Outcome.UNRECORDED
+    ]
+    if result.sync_error:
+        left.insert(0, f"SFTP sync: {result.sync_error}")
+    out["left_to_retry"] = left
+    if result.exit_code != 0 and module.params["fail_on_retry"]:
+        out["log"] = trouble(lines)  # the whole log is in the journal (smt-ingest)
+        module.fail_json(msg="left to retry: " + "; ".join(left), **out)
     module.exit_json(**out)
 
 

@@ -202,7 +202,7 @@ def test_health_and_unknown_routes(box: Box, server: ServerProcess) -> None:
     assert r.json() == {"ok": True, "service": "smt-upload"}  # strangers learn nothing more
     r = requests.get(server.url("/health"), headers={"x-smt-upload-token": TOKEN}, timeout=5)
     assert r.json()["ok"] is True and r.json()["queueDepth"] == 0
-    assert r.json()["checks"] == {"spool": True, "inbox": True, "limiter": True}
+    assert r.json()["checks"] == {"spool": True, "inbox": True, "limiter": True, "ingest": True}
     assert requests.get(server.url("/nope"), timeout=5).status_code == 404
     assert requests.get(server.url("/upload"), timeout=5).status_code == 405
 
@@ -853,9 +853,15 @@ def test_a_corrupt_limiter_makes_health_503(box: Box, server: ServerProcess) -> 
     for path in db.parent.glob(db.name + "*"):
         path.write_bytes(b"this is not a database" * 512)
     r = requests.get(server.url("/health"), timeout=5)
-    assert r.status_code == 503 and r.json() == {"ok": False, "service": "smt-upload"}
+    assert r.status_code == 503
+    assert r.json() == {
+        "ok": False,
+        "service": "smt-upload",
+        "reason": "the droplet needs attention",
+    }
     r = requests.get(server.url("/health"), headers={"x-smt-upload-token": TOKEN}, timeout=5)
     assert r.status_code == 503 and r.json()["checks"]["limiter"] is False
+    assert r.json()["reason"] == "limiter check failed"
     assert upload(server, csv_bytes(1)).status_code == 503
 
 

@@ -253,7 +253,7 @@ def test_health_reports_queue_depth_and_last_ingest(hook: Hook, server: ServerPr
         "service": "smt-webhook",
         "queueDepth": 0,
         "lastIngest": None,
-        "checks": {"spool": True},
+        "checks": {"spool": True, "ingest": True},
     }
     trigger(server)
     spool.write_last_result(hook.spool, {"exit_code": 0, "posted": 3})
@@ -262,6 +262,28 @@ def test_health_reports_queue_depth_and_last_ingest(hook: Hook, server: ServerPr
     assert r.json()["lastIngest"] == {"exit_code": 0, "posted": 3}
     assert requests.get(server.url("/trigger/smt-now"), timeout=5).status_code == 405
     assert requests.post(server.url("/other"), timeout=5).status_code == 404
+
+
+def test_health_degrades_when_the_last_pass_failed_or_success_is_stale(
+    hook: Hook, server: ServerProcess
+) -> None:
+    auth = {"x-smt-secret": SECRET}
+    now = time.time()
+    spool.write_last_result(hook.spool, {"exit_code": 1, "last_success_ts": now - 60})
+    r = requests.get(server.url("/health"), timeout=5)
+    assert r.status_code == 503
+    assert r.json() == {
+        "ok": False,
+        "service": "smt-webhook",
+        "reason": "the droplet needs attention",
+    }
+    r = requests.get(server.url("/health"), headers=auth, timeout=5)
+    assert r.status_code == 503 and r.json()["reason"] == "the last ingest pass failed (exit 1)"
+    spool.write_last_result(hook.spool, {"exit_code": 0, "last_success_ts": now - 4 * 3600})
+    r = requests.get(server.url("/health"), headers=auth, timeout=5)
+    assert r.status_code == 503 and r.json()["reason"] == "no successful ingest pass for 4.0 h"
+    spool.write_last_result(hook.spool, {"exit_code": 0, "last_success_ts": now})
+    assert requests.get(server.url("/health"), timeout=5).status_code == 200
 
 
 # -- signatures -----------------------------------------------------------------------------------

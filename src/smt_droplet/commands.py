@@ -23,6 +23,7 @@ from .config import (
     InboxSettings,
     PgpSettings,
     PostSettings,
+    RecordSettings,
     SftpSettings,
     check_state_dir,
 )
@@ -31,6 +32,7 @@ from .ingest import post_pending, run_pass
 from .ledger import Ledger, LedgerError, is_digest
 from .lock import LockBusy, PassLock, lock_path_for
 from .outcomes import SETTLED_STATES, ExitCode, Outcome
+from .passrecord import finish_pass
 from .status import format_report, status_report
 from .sync import run_sync
 
@@ -225,6 +227,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
     except LockBusy as exc:
         log.error("post: %s; try again when it has finished", exc)
         return ExitCode.RETRY
+    finish_pass(RecordSettings.from_env(env), result, trigger="post")
     for r in result.files:
         if r.outcome == Outcome.SKIPPED_POSTED:
             log.info("skipped-already-posted %s sha256=%s (use --force)", r.path, r.sha256)

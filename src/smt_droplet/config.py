@@ -23,6 +23,7 @@ LEDGER_BASENAME = ".posted_sha256"
 ENCODINGS = ("base64+gzip", "base64")
 HOST_KEY_POLICIES = ("reject", "accept-new")
 DEFAULT_LOCK_WAIT = 300.0
+DEFAULT_STALE_AFTER = 3 * 3600.0
 DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024  # a PGP delivery's zip and its entries, in all
 DEFAULT_PGP_MAX_ENTRIES = 64
 DEFAULT_GPG_TIMEOUT = 120.0
@@ -146,6 +147,29 @@ def _readable_file(name: str, path: str) -> str:
 def spool_dir(env: Mapping[str, str]) -> Path:
     """The queue the webhook and the upload server write and the ingest pass consumes."""
     return Path(_get(env, "SMT_SPOOL_DIR", DEFAULT_SPOOL_DIR) or DEFAULT_SPOOL_DIR)
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Where a pass leaves its record, and when the lack of a success is trouble.
+
+    ``SMT_METRICS_DIR``: the node_exporter textfile directory ``smt_ingest.prom`` is written to
+    (unset: no metrics file). ``SMT_STALE_AFTER``: seconds without a successful pass after which
+    ``/health`` answers 503 and the staleness check alerts (default 10800, six timer passes).
+    """
+
+    spool_dir: Path
+    metrics_dir: Path | None = None
+    stale_after: float = DEFAULT_STALE_AFTER
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RecordSettings:
+        metrics = _get(env, "SMT_METRICS_DIR")
+        return cls(
+            spool_dir=spool_dir(env),
+            metrics_dir=Path(metrics) if metrics else None,
+            stale_after=_float(env, "SMT_STALE_AFTER", DEFAULT_STALE_AFTER, minimum=60.0),
+        )
 
 
 def state_file(env: Mapping[str, str]) -> Path:
@@ -383,6 +407,7 @@ class WebhookSettings:
 
     secret: str = field(repr=False)
     spool_dir: Path
+    stale_after: float = DEFAULT_STALE_AFTER  # SMT_STALE_AFTER: /health degrades
     bind: str = "0.0.0.0"  # noqa: S104
     port: int = 8787
     max_queued: int = 20
@@ -415,6 +440,7 @@ class WebhookSettings:
         return cls(
             secret=secret,
             spool_dir=spool_dir(env),
+            stale_after=RecordSettings.from_env(env).stale_after,
             bind=_bind(env, "SMT_WEBHOOK_BIND"),
             port=_port(env, "SMT_WEBHOOK_PORT", 8787),
             max_queued=_int(env, "SMT_WEBHOOK_MAX_QUEUED", 20, minimum=1),
@@ -449,6 +475,7 @@ class UploadSettings:
     spool_dir: Path
     state_db: Path
     state_file: Path
+    stale_after: float = DEFAULT_STALE_AFTER  # SMT_STALE_AFTER: /health degrades
     token: str | None = field(default=None, repr=False)
     bind: str = "0.0.0.0"  # noqa: S104
     port: int = 8080
@@ -479,6 +506,7 @@ class UploadSettings:
         return cls(
             inbox=inbox,
             spool_dir=spool_dir(env),
+            stale_after=RecordSettings.from_env(env).stale_after,
             state_db=Path(_get(env, "SMT_UPLOAD_STATE", DEFAULT_UPLOAD_STATE) or ""),
             state_file=state_file(env),
             token=_header_secret("SMT_UPLOAD_TOKEN", _get(env, "SMT_UPLOAD_TOKEN")),

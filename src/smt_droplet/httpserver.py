@@ -23,9 +23,11 @@ from typing import Any
 
 from aiohttp import web
 
+from . import spool
 from .config import ConnectionLimits
 from .connguard import ConnectionGuard
 from .outcomes import ExitCode
+from .passrecord import verdict
 
 log = logging.getLogger("smt_droplet.http")
 
@@ -79,15 +81,30 @@ def health_response(
     authorized: bool,
     checks: dict[str, bool],
     details: Callable[[], dict[str, Any]],
+    *,
+    spool_dir: Path,
+    stale_after: float,
 ) -> web.Response:
-    """``GET /health``: without credentials only whether the service can serve (200 or 503);
-    with them also ``details()`` and each check. Nothing about the box leaks to strangers."""
+    """``GET /health``: 503 when this service cannot serve or the ingest needs attention (the
+    last pass failed, or no pass succeeded for ``stale_after`` seconds: passrecord.verdict).
+    Without credentials only that, and a generic reason; with them also ``details()``, each
+    check and the exact reason. Nothing about the box leaks to strangers."""
+    last = spool.read_last_result(spool_dir)
+    ingest = verdict(last, stale_after)
+    checks = {**checks, "ingest": not ingest}
     ok = all(checks.values())
     set_outcome(request, "health" if ok else "health_degraded")
     body: dict[str, Any] = {"ok": ok, "service": service}
+    if not ok:
+        body["reason"] = "the droplet needs attention"
     if authorized:
         body.update(details())
+        body["lastIngest"] = last
         body["checks"] = checks
+        failed = [name for name, good in checks.items() if not good and name != "ingest"]
+        reasons = [*(f"{name} check failed" for name in failed), *([ingest] if ingest else [])]
+        if reasons:
+            body["reason"] = "; ".join(reasons)
     return web.json_response(body, status=200 if ok else 503)
 
 

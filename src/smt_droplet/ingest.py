@@ -3,7 +3,8 @@
 A pass (``smt-droplet ingest``, the timer's and the ``.path`` unit's job)::
 
     lock (lock.py) → claim spool requests (spool.py) → plan (plan.py) → sync (sync.py) →
-    for each inbox file: process (process.py) → finish spool requests → last result → exit code
+    for each inbox file: process (process.py) → finish spool requests → the pass's record
+    (passrecord.py: last result, metrics) → exit code
 
 Exit codes are :class:`~smt_droplet.outcomes.ExitCode` (0 done, 1 retry, 2 configuration).
 """
@@ -11,16 +12,25 @@ Exit codes are :class:`~smt_droplet.outcomes.ExitCode` (0 done, 1 retry, 2 confi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import spool
-from .config import PgpSettings, PostSettings, SftpSettings, check_state_dir, spool_dir
+from .config import (
+    PgpSettings,
+    PostSettings,
+    RecordSettings,
+    SftpSettings,
+    check_state_dir,
+    spool_dir,
+)
 from .inbox import InboxFile, inbox_file, scan_inbox
 from .ledger import Ledger, LedgerError
 from .lock import PassLock, lock_path_for
-from .outcomes import FileResult, Outcome, PassResult
+from .outcomes import NEEDS_OPERATOR, FileResult, Outcome, PassResult
+from .passrecord import finish_pass, trigger_of
 from .plan import RunPlan, plan_from_requests
 from .process import PostContext, log_result, process_file
 from .sync import run_sync
@@ -36,6 +46,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
     pkey = _load_key(sftp_settings)
     check_state_dir(settings.state_file)
     queue_dir = spool_dir(env)
+    record = RecordSettings.from_env(env)
     result = PassResult()
     with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
         requests = _claim(queue_dir) if use_spool else []
@@ -43,14 +54,17 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
         try:
             plan = plan_from_requests(requests)
             if sftp_settings is not None:
+                started = time.monotonic()
                 _sync(sftp_settings, pkey, result)
+                result.sync_seconds = time.monotonic() - started
                 if result.sync is not None:
                     plan.fresh = {f.rel for f in result.sync.downloaded}
             if not result.fatal:
                 post_pending(settings, plan=plan, result=result, pgp=pgp)
         finally:
             log.info("%s", result.summary_line())
-            _finish(queue_dir, requests, result)
+            _finish(queue_dir, requests)
+            finish_pass(record, result, trigger=trigger_of(env))
     return result
 
 
@@ -71,6 +85,7 @@ def post_pending(
     ``check``: decide only (no HTTP, no ledger or cache write). ``pgp``: how to decrypt PGP
     deliveries (default: gpg's own home, ``$TMPDIR``)."""
     result = result or PassResult()
+    started = time.monotonic()
     ledger = Ledger.load(settings.state_file)
     exclude = [settings.state_file, ledger.sidecar, lock_path_for(settings.state_file)]
     if paths:
@@ -78,6 +93,7 @@ def post_pending(
     else:
         items = scan_inbox(settings.local_dir, settings.include, exclude)
         ledger.prune_hashes({i.rel for i in items})
+    result.inbox_files, result.inbox_bytes = len(items), sum(i.size for i in items)
     ctx = PostContext(settings, ledger, None, plan or RunPlan(), check, pgp or PgpSettings())
     try:
         _post_files(ctx, items, result, force=force, esiid=esiid, meter=meter)
@@ -86,6 +102,8 @@ def post_pending(
             ctx.session.close()
         if not check:
             _save_ledger(ledger, result)
+        result.inbox_needs_operator = len(ledger.needing_operator(NEEDS_OPERATOR))
+        result.post_seconds = time.monotonic() - started
     return result
 
 
@@ -125,14 +143,12 @@ def _sync(sftp_settings: SftpSettings, pkey: Any, result: PassResult) -> None:
         log.error("sync refused: %s", exc)
 
 
-def _finish(queue_dir: Path, requests: list[spool.Request], result: PassResult) -> None:
+def _finish(queue_dir: Path, requests: list[spool.Request]) -> None:
     if requests:
         try:
             spool.finish(queue_dir, requests)
         except OSError as exc:
             log.error("cannot remove served spool requests: %s", exc)
-    if queue_dir.is_dir():
-        spool.write_last_result(queue_dir, result.to_dict())
 
 
 def _post_files(

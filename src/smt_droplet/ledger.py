@@ -214,6 +214,15 @@ class Ledger:
         """The inbox path whose cached digest is ``digest`` (the first one, if copies)."""
         return next((rel for rel, entry in self.hashes.items() if entry[2] == digest), None)
 
+    def needing_operator(self, statuses: frozenset[str]) -> set[str]:
+        """Digests of inbox files (the hash cache) whose recorded outcome is in ``statuses``."""
+        inbox = {str(e[2]) for e in self.hashes.values()}
+        return {
+            d
+            for d in inbox
+            if d not in self.posted and (self.outcomes.get(d) or {}).get("status") in statuses
+        }
+
     def known_digests(self) -> set[str]:
         """Every digest the ledger knows: posted, with an outcome, or in the inbox."""
         return self.posted | set(self.outcomes) | {str(e[2]) for e in self.hashes.values()}

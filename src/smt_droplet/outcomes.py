@@ -124,6 +124,12 @@ class PassResult:
     fatal: str | None = None
     ledger_error: str | None = None  # sidecar not saved (the posts themselves are recorded)
     requests: int = 0
+    started_at: float = field(default_factory=time.time)
+    sync_seconds: float = 0.0
+    post_seconds: float = 0.0
+    inbox_files: int = 0  # files the pass looked at (the whole inbox unless given paths)
+    inbox_bytes: int = 0
+    inbox_needs_operator: int | None = None  # the whole inbox's, from the ledger
 
     def counts(self) -> dict[str, int]:
         return {str(k): v for k, v in Counter(f.outcome for f in self.files).items()}
@@ -161,12 +167,31 @@ class PassResult:
         parts.append(f"exit={int(self.exit_code)}")
         return "summary " + " ".join(parts)
 
+    @property
+    def bytes_downloaded(self) -> int:
+        return sum(f.size for f in self.sync.downloaded) if self.sync is not None else 0
+
+    @property
+    def bytes_posted(self) -> int:
+        return sum(f.size for f in self.files if f.outcome in ACCEPTED_OUTCOMES)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "started_ts": round(self.started_at, 3),
+            "sync_seconds": round(self.sync_seconds, 3),
+            "post_seconds": round(self.post_seconds, 3),
+            "bytes_downloaded": self.bytes_downloaded,
+            "bytes_posted": self.bytes_posted,
+            "inbox_files": self.inbox_files,
+            "inbox_bytes": self.inbox_bytes,
             "exit_code": int(self.exit_code),
             "counts": self.counts(),
-            "needs_operator": len(self.needing_operator()),
+            "needs_operator": (
+                len(self.needing_operator())
+                if self.inbox_needs_operator is None
+                else self.inbox_needs_operator
+            ),
             "downloaded": len(self.sync.downloaded) if self.sync is not None else None,
             "sync_error": self.sync_error,
             "fatal": self.fatal,

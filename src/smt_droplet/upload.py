@@ -354,8 +354,9 @@ class UploadService:
             lambda: {
                 "maxBytes": settings.max_bytes,
                 "queueDepth": spool.depth(settings.spool_dir),
-                "lastIngest": spool.read_last_result(settings.spool_dir),
             },
+            spool_dir=settings.spool_dir,
+            stale_after=settings.stale_after,
         )
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

@@ -259,8 +259,9 @@ class WebhookService:
             {"spool": spool_writable(settings.spool_dir)},
             lambda: {
                 "queueDepth": spool.depth(settings.spool_dir),
-                "lastIngest": spool.read_last_result(settings.spool_dir),
             },
+            spool_dir=settings.spool_dir,
+            stale_after=settings.stale_after,
         )
 
 

@@ -1,0 +1,118 @@
+"""Metrics in the Prometheus text format, written with ``prometheus_client`` (Debian:
+``python3-prometheus-client``), imported only here and only when metrics are wanted.
+
+After every pass :func:`write_pass_metrics` replaces ``smt_ingest.prom`` in the textfile
+directory (``prometheus_client.write_to_textfile``: a temp file, then a rename, so the collector
+never reads half a file). Every name starts with ``smt_ingest_``; the alerting rules in
+``monitoring/`` use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .outcomes import Outcome
+
+log = logging.getLogger("smt_droplet.ingest")
+
+TEXTFILE = "smt_ingest.prom"
+
+
+def write_pass_metrics(directory: Path, record: Mapping[str, Any]) -> Path | None:
+    """``directory/smt_ingest.prom`` from a :func:`~smt_droplet.passrecord.finish_pass` record;
+    ``None`` (one warning) when it cannot be written: metrics never fail a pass."""
+    try:
+        from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    except ImportError:
+        log.warning("metrics: prometheus_client is not installed (python3-prometheus-client)")
+        return None
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float | None, **labels: str) -> None:
+        if value is None:
+            return
+        g = Gauge(name, doc, list(labels), registry=registry)
+        (g.labels(**labels) if labels else g).set(value)
+
+    gauge(
+        "smt_ingest_last_pass_start_timestamp_seconds",
+        "Start of the last pass.",
+        record.get("started_ts"),
+    )
+    gauge(
+        "smt_ingest_last_pass_end_timestamp_seconds",
+        "End of the last pass.",
+        record.get("finished_ts"),
+    )
+    gauge(
+        "smt_ingest_last_pass_exit_code",
+        "Exit code of the last pass (0 ok, 1 retry, 2 config).",
+        record.get("exit_code"),
+    )
+    gauge(
+        "smt_ingest_last_success_timestamp_seconds",
+        "End of the last pass that exited 0.",
+        record.get("last_success_ts"),
+    )
+    gauge(
+        "smt_ingest_last_pass_duration_seconds",
+        "Wall time of the last pass.",
+        record.get("duration_seconds"),
+    )
+    gauge(
+        "smt_ingest_last_pass_sync_seconds",
+        "SFTP sync time of the last pass.",
+        record.get("sync_seconds"),
+    )
+    gauge(
+        "smt_ingest_last_pass_post_seconds",
+        "Posting time of the last pass.",
+        record.get("post_seconds"),
+    )
+    gauge(
+        "smt_ingest_last_pass_downloaded_bytes",
+        "Bytes the last pass downloaded.",
+        record.get("bytes_downloaded"),
+    )
+    gauge(
+        "smt_ingest_last_pass_posted_bytes",
+        "Bytes of the files the last pass posted.",
+        record.get("bytes_posted"),
+    )
+    gauge(
+        "smt_ingest_files_needing_operator",
+        "Files that need a person (no ESIID, rejected, too large, not a CSV).",
+        record.get("needs_operator"),
+    )
+    gauge(
+        "smt_ingest_inbox_files",
+        "Files in the inbox the last pass looked at.",
+        record.get("inbox_files"),
+    )
+    gauge("smt_ingest_inbox_bytes", "Their bytes.", record.get("inbox_bytes"))
+    gauge(
+        "smt_ingest_free_bytes", "Free bytes on the spool's file system.", record.get("free_bytes")
+    )
+    counts = record.get("counts") or {}
+    files = Gauge(
+        "smt_ingest_last_pass_files",
+        "Files of the last pass by outcome.",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in Outcome:
+        files.labels(outcome=str(outcome)).set(counts.get(str(outcome), 0))
+    info = Gauge(
+        "smt_ingest_last_pass_info", "Who ran the last pass.", ["trigger"], registry=registry
+    )
+    info.labels(trigger=str(record.get("trigger", ""))).set(1)
+    target = Path(directory) / TEXTFILE
+    try:
+        write_to_textfile(str(target), registry)
+    except OSError as exc:
+        log.warning("metrics: cannot write %s: %s", target, exc.strerror or exc)
+        return None
+    return target
