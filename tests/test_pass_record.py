@@ -144,3 +144,29 @@ def test_a_module_pass_goes_to_the_journal_socket_and_the_record(
     record = json.loads((Path(env["SMT_SPOOL_DIR"]) / "status" / "last-ingest.json").read_text())
     assert record["trigger"] == "ansible" and record["exit_code"] == 0
     assert metrics(env)[("smt_ingest_last_pass_info", (("trigger", "ansible"),))] == 1
+
+
+def test_every_metric_the_rules_use_is_written(tmp_path) -> None:
+    """The alerting rules in monitoring/ name only metrics the pass (or the servers) write."""
+    import re
+
+    from helpers import REPO
+
+    from smt_droplet.metrics import write_pass_metrics
+
+    rules = (REPO / "monitoring" / "smt-droplet.rules.yml").read_text()
+    used = set(re.findall(r"\b(smt_[a-z_]+[a-z])\b", rules))
+    record = {
+        "started_ts": 1.0,
+        "finished_ts": 2.0,
+        "exit_code": 0,
+        "last_success_ts": 2.0,
+        "needs_operator": 0,
+        "free_bytes": 10,
+        "counts": {},
+    }
+    target = write_pass_metrics(tmp_path, record)
+    assert target is not None
+    written = {f.name for f in text_string_to_metric_families(target.read_text())}
+    ingest = {name for name in used if name.startswith("smt_ingest_")}
+    assert ingest and ingest <= written, ingest - written

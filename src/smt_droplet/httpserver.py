@@ -108,6 +108,22 @@ def health_response(
     return web.json_response(body, status=200 if ok else 503)
 
 
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def metrics_response(request: web.Request, metrics: Any, authorized: bool) -> web.Response:
+    """``GET /metrics``: for loopback clients not proxied by the TLS front, or with the
+    service's credentials; 404 when ``prometheus_client`` is missing."""
+    direct = request.remote in LOOPBACK and "X-Forwarded-For" not in request.headers
+    if not (direct or authorized):
+        return json_error(request, 403, "forbidden", "metrics are for loopback or the token")
+    if metrics is None:
+        return json_error(request, 404, "no_metrics", "python3-prometheus-client is missing")
+    set_outcome(request, "metrics")
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def set_outcome(request: web.Request, outcome: str, bytes_in: int | None = None) -> None:
     request[OUTCOME] = outcome
     if bytes_in is not None:
@@ -143,10 +159,19 @@ class RequestTracker:
     grace period ends), and only then lets aiohttp close what is left.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Any = None) -> None:
         self.active = 0
         self.draining = False
         self._idle: asyncio.Event | None = None
+        self.metrics = metrics  # servermetrics.ServerMetrics or None
+
+    def _observe(self, request: web.Request, status: int | str) -> None:
+        if self.metrics is None:
+            return
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        bytes_in = request.get(BYTES_IN) or getattr(request.content, "total_bytes", 0)
+        self.metrics.observe(route, status, str(request.get(OUTCOME, "")), int(bytes_in or 0))
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -158,6 +183,7 @@ class RequestTracker:
             )
             response.force_close()
             log_access(request, 503, response.content_length or 0, started)
+            self._observe(request, 503)
             return response
         self.active += 1
         try:
@@ -175,16 +201,19 @@ class RequestTracker:
         except web.HTTPException as exc:  # the router's 404/405, aiohttp's own 413
             request.setdefault(OUTCOME, exc.reason.lower().replace(" ", "_"))
             log_access(request, exc.status, len(exc.text or ""), started)
+            self._observe(request, exc.status)
             raise
         except asyncio.CancelledError:
             request.setdefault(OUTCOME, "cancelled")
             log_access(request, "-", 0, started)
+            self._observe(request, "cancelled")
             raise
         except Exception:
             log.exception("%s %s: unexpected error", request.method, request.rel_url.raw_path)
             request[OUTCOME] = "internal_error"
             response = web.json_response({"ok": False, "error": "internal_error"}, status=500)
         log_access(request, response.status, response.content_length or 0, started)
+        self._observe(request, response.status)
         return response
 
     async def drain(self, grace: float) -> bool:

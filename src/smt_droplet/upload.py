@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from .httpserver import (
     health_response,
     json_error,
     log_access,
+    metrics_response,
     run_app,
     secrets_equal,
     set_outcome,
@@ -48,6 +49,7 @@ from .httpserver import (
 )
 from .outcomes import ExitCode
 from .ratelimit import RateLimiter, RateLimitError
+from .servermetrics import new_metrics
 from .upload_limits import (
     TICKET_HEADER,
     Reservation,
@@ -337,10 +339,19 @@ class UploadService:
             )
         return web.Response(status=204, headers=headers)
 
+    def _token_ok(self, request: web.Request) -> bool:
+        token = self.settings.token
+        return token is not None and secrets_equal(request.headers.get(TOKEN_HEADER), token)
+
+    def metrics(self, tracker: RequestTracker) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            return metrics_response(request, tracker.metrics, self._token_ok(request))
+
+        return handler
+
     async def health(self, request: web.Request) -> web.Response:
         settings = self.settings
-        token = settings.token
-        authorized = token is not None and secrets_equal(request.headers.get(TOKEN_HEADER), token)
+        authorized = self._token_ok(request)
         checks = {
             "spool": spool_writable(settings.spool_dir),
             "inbox": os.access(settings.inbox, os.W_OK | os.X_OK),
@@ -380,6 +391,7 @@ def make_app(
     app.router.add_post("/upload", service.upload, expect_handler=service.expect)
     app.router.add_route("OPTIONS", "/upload", service.preflight)
     app.router.add_get("/health", service.health)
+    app.router.add_get("/metrics", service.metrics(tracker))
     return app, service
 
 
@@ -401,7 +413,7 @@ def serve(env: Mapping[str, str]) -> int:
         return ExitCode.CONFIG
     if stale:
         log.info("removed %d stale partial upload(s) from %s", stale, settings.inbox)
-    tracker = RequestTracker()
+    tracker = RequestTracker(new_metrics("smt-upload", lambda: spool.depth(settings.spool_dir)))
     app, service = make_app(settings, limiter, tracker)
 
     def on_stop() -> None:

@@ -37,12 +37,14 @@ from .httpserver import (
     RequestTracker,
     health_response,
     json_error,
+    metrics_response,
     run_app,
     secrets_equal,
     set_outcome,
     spool_writable,
 )
 from .outcomes import ExitCode
+from .servermetrics import new_metrics
 from .signatures import (
     ReplayGuard,
     ReplayStoreError,
@@ -277,6 +279,11 @@ def make_app(
     app = web.Application(middlewares=[tracker.middleware], client_max_size=settings.max_body_bytes)
     app.router.add_post("/trigger/smt-now", service.trigger)
     app.router.add_get("/health", service.health)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return metrics_response(request, tracker.metrics, service._secret_ok(request))
+
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -295,7 +302,7 @@ def serve(env: Mapping[str, str]) -> int:
         except ReplayStoreError as exc:
             log.error("%s", exc)
             return ExitCode.CONFIG
-    tracker = RequestTracker()
+    tracker = RequestTracker(new_metrics("smt-webhook", lambda: spool.depth(settings.spool_dir)))
     return run_app(
         make_app(settings, tracker, replay),
         tracker,
