@@ -61,6 +61,12 @@ def _cmd_upload(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return serve(env)
 
 
+def _cmd_notify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .notify import run
+
+    return run(dict(env), args.what, args.unit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smt-droplet",
@@ -114,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esiid", help="ESIID to attribute the file to (17 digits)")
     p.add_argument("--meter", help="meter id, e.g. M1")
     p.add_argument("--force", action="store_true", help="post even if the ledger has it")
+    p = add(
+        "notify",
+        "send an alert: `failure UNIT` (OnFailure=) or `check` (staleness, files that need an "
+        "operator; run by smt-notify-check.timer)",
+        _cmd_notify,
+    )
+    p.add_argument("what", choices=["failure", "check"])
+    p.add_argument("unit", nargs="?", help="the unit that failed (failure only)")
+    p.epilog = (
+        "Settings: SMT_NOTIFY_URL (Slack/Discord webhook or ntfy), SMT_NOTIFY_TOPIC, "
+        "SMT_NOTIFY_SENDMAIL, SMT_NOTIFY_REPEAT (s, default 21600), SMT_NOTIFY_STATE, "
+        "SMT_SPOOL_DIR, SMT_STALE_AFTER. Exit 1 when the alert could not be delivered."
+    )
     add("webhook-server", "serve POST /trigger/smt-now (queues an ingest)", _cmd_webhook)
     add("upload-server", "serve POST /upload (stores a CSV, queues an ingest)", _cmd_upload)
     return parser

@@ -24,6 +24,8 @@ ENCODINGS = ("base64+gzip", "base64")
 HOST_KEY_POLICIES = ("reject", "accept-new")
 DEFAULT_LOCK_WAIT = 300.0
 DEFAULT_STALE_AFTER = 3 * 3600.0
+DEFAULT_NOTIFY_REPEAT = 6 * 3600.0
+DEFAULT_NOTIFY_STATE = "/var/lib/smt-notify/sent.json"
 DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024  # a PGP delivery's zip and its entries, in all
 DEFAULT_PGP_MAX_ENTRIES = 64
 DEFAULT_GPG_TIMEOUT = 120.0
@@ -83,6 +85,57 @@ def _base_url(env: Mapping[str, str]) -> str:
             "token would travel in clear. Use https://, or set SMT_ALLOW_HTTP=1 deliberately"
         )
     raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
+
+
+def _notify_url(env: Mapping[str, str]) -> str | None:
+    """``SMT_NOTIFY_URL``: https, or plain http to loopback (a local relay, the tests)."""
+    url = _get(env, "SMT_NOTIFY_URL")
+    if not url:
+        return None
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return url
+    if parsed.scheme == "http" and parsed.hostname:
+        if parsed.hostname in _LOOPBACK_HOSTS or parsed.hostname.startswith("127."):
+            return url
+    raise ConfigError("SMT_NOTIFY_URL must be an https:// URL (plain http only to loopback)")
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """Where alerts go and how often the same one may be repeated (``smt-droplet notify``).
+
+    ``SMT_NOTIFY_URL`` (a Slack/Discord incoming webhook or an ntfy server; a secret: never
+    logged), ``SMT_NOTIFY_TOPIC`` (ntfy's topic, when the URL is the server's root),
+    ``SMT_NOTIFY_SENDMAIL`` (an address: mail through the local ``sendmail``),
+    ``SMT_NOTIFY_REPEAT`` (seconds before the same alert is sent again, default 21600),
+    ``SMT_NOTIFY_STATE`` (what was sent when), and the ingest's ``SMT_SPOOL_DIR`` and
+    ``SMT_STALE_AFTER``.
+    """
+
+    url: str | None = field(default=None, repr=False)
+    topic: str | None = None
+    mail_to: str | None = None
+    repeat: float = DEFAULT_NOTIFY_REPEAT
+    state: Path = Path(DEFAULT_NOTIFY_STATE)
+    spool_dir: Path = Path(DEFAULT_SPOOL_DIR)
+    stale_after: float = DEFAULT_STALE_AFTER
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NotifySettings:
+        settings = cls(
+            url=_notify_url(env),
+            topic=_get(env, "SMT_NOTIFY_TOPIC"),
+            mail_to=_get(env, "SMT_NOTIFY_SENDMAIL"),
+            repeat=_float(env, "SMT_NOTIFY_REPEAT", DEFAULT_NOTIFY_REPEAT),
+            state=Path(_get(env, "SMT_NOTIFY_STATE", DEFAULT_NOTIFY_STATE) or DEFAULT_NOTIFY_STATE),
+            spool_dir=spool_dir(env),
+            stale_after=RecordSettings.from_env(env).stale_after,
+        )
+        if settings.url is None and settings.mail_to is None:
+            raise ConfigError("set SMT_NOTIFY_URL or SMT_NOTIFY_SENDMAIL: nowhere to send alerts")
+        return settings
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
