@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SECURITY_SCORES, Bed
+from conftest import REPO, SECURITY_SCORES, Bed, wait_for
 
 from smt_droplet.tickets import mint  # the web app's side of an upload ticket
 
 # The scenario reaches both services only through the TLS front (Caddy, internal CA).
 WEBHOOK = "https://localhost/trigger/smt-now"
+LAST_RESULT = "/var/spool/smt-ingest/status/last-ingest.json"
+METRICS = "/var/lib/smt-metrics/smt_ingest.prom"
+ALERTS = "/srv/smt-testbed/alerts.jsonl"
+AS_DEPLOY = (
+    "runuser -u deploy -- env PYTHONPATH=/opt/smt-droplet python3 -m smt_droplet {} "
+    "--env-file /etc/default/intelliwatt-smt"
+)
 UPLOAD = "https://localhost/upload"
 
 
@@ -148,6 +155,14 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
     assert placed.name in output, output[-4000:]
     posts = bed.posts_of(placed.sha256)
     assert len(posts) == 1, posts
+    # The same record as a timer pass: the journal under the units' identifier, the
+    # last-result file behind /health.
+    journal = bed.run("journalctl --no-pager -t smt-ingest -n 400").stdout
+    assert re.search(rf"INFO posted .*{re.escape(placed.name)} esiid={placed.esiid}", journal)
+    assert "summary posted=1" in journal, journal[-3000:]
+    record = json.loads(bed.run(f"cat {LAST_RESULT}").stdout)
+    assert record["trigger"] == "ansible" and record["exit_code"] == 0, record
+    assert [f["path"] for f in record["files"]] == [placed.name], record["files"]
 
 
 def test_6_upload_rate_limit_survives_restart(bed: Bed) -> None:
@@ -243,3 +258,96 @@ def test_10_old_ports_are_not_reachable_from_outside(host: Any) -> None:
             socket.create_connection((address, port), timeout=3).close()
     with socket.create_connection((address, 443), timeout=5):
         pass
+
+
+def run_pass(bed: Bed) -> Any:
+    """One pass of smt-ingest.service (oneshot: `systemctl start` waits for it)."""
+    return bed.host.run("systemctl start smt-ingest.service")
+
+
+def status_rows(bed: Bed) -> dict[str, dict[str, Any]]:
+    out = bed.run(AS_DEPLOY.format("status --json")).stdout
+    return {row["path"]: row for row in json.loads(out)["files"]}
+
+
+def test_11_a_file_without_esiid_waits_for_a_person_and_is_ignored(bed: Bed) -> None:
+    name = f"orphan_{int(time.time())}.csv"
+    remote = f"{bed.remote_dir}/{name}"
+    bed.run(f"printf 'USAGE_DATE,USAGE_KWH\\n3/8/2025,1.0\\n' > {remote} && chmod 0644 {remote}")
+    for _ in range(2):  # reported by the first pass; neither fails
+        assert run_pass(bed).rc == 0
+        result = bed.run("systemctl show -p Result -p ExecMainStatus smt-ingest.service").stdout
+        assert "Result=success" in result and "ExecMainStatus=0" in result, result
+    row = status_rows(bed)[name]
+    assert row["state"] == "no-esiid" and row["needs_operator"] is True, row
+    assert f"smt-droplet post {name} --esiid" in row["reason"]
+    journal = bed.run("journalctl --no-pager -t smt-ingest -n 300").stdout
+    assert len(re.findall(rf"WARNING no-esiid {re.escape(name)} needs an operator", journal)) == 1
+    bed.run(AS_DEPLOY.format(f"ignore {name} --reason 'test bed orphan'"))
+    row = status_rows(bed)[name]
+    assert (row["state"], row["reason"], row["needs_operator"]) == (
+        "ignored",
+        "test bed orphan",
+        False,
+    )
+    assert run_pass(bed).rc == 0
+    assert json.loads(bed.run(f"cat {LAST_RESULT}").stdout)["needs_operator"] == 0
+
+
+def test_12_sftp_down_alerts_and_degrades_health_then_one_pass_clears(bed: Bed) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert bed.run("systemctl is-enabled smt-notify-check.timer").stdout.strip() == "enabled"
+    bed.run(f"rm -f {ALERTS}")
+    token = {"x-smt-upload-token": bed.vars["smt_testbed_upload_token"]}
+    bed.run("systemctl stop smt-testbed-sftp.service")
+    try:
+        for _ in range(2):
+            assert run_pass(bed).rc != 0  # exit 1: left to retry
+        alerts = wait_for(
+            lambda: bed.host.run(f"cat {ALERTS}").stdout.strip().splitlines(),
+            60,
+            "the OnFailure= alert at the test receiver",
+        )
+        everything = [json.loads(line)["body"] for line in alerts]
+        # (the check timer may add its own "pass failed" alert: only OnFailure= is counted)
+        bodies = [b for b in everything if b["title"].endswith("smt-ingest.service failed")]
+        assert len(bodies) == 1, everything  # the second failure is not repeated
+        assert bodies[0]["topic"] == "smt-testbed" and "The SFTP sync failed." in bodies[0]["text"]
+        assert bed.vars["smt_testbed_admin_token"] not in json.dumps(bodies)
+        health = bed.http("get", "https://localhost/health")
+        assert health.status == 503 and health.json()["reason"] == "the droplet needs attention"
+        detail = bed.http("get", "https://localhost/health", token).json()
+        assert detail["reason"] == "the last ingest pass failed (exit 1)", detail
+        assert bed.host.run("systemctl is-failed --quiet smt-ingest.service").rc == 0
+    finally:
+        bed.run("systemctl start smt-testbed-sftp.service")
+    wait_for(
+        lambda: (
+            bed.host.run(
+                "python3 -c 'import socket; socket.create_connection("
+                f'("127.0.0.1", {bed.vars["smt_testbed_sftp_port"]}), 2)\''
+            ).rc
+            == 0
+        ),
+        30,
+        "the SFTP peer listening again",
+    )
+    assert run_pass(bed).rc == 0
+    assert bed.host.run("systemctl is-failed --quiet smt-ingest.service").rc != 0
+    assert bed.http("get", "https://localhost/health").status == 200
+    record = json.loads(bed.run(f"cat {LAST_RESULT}").stdout)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(bed.run(f"cat {METRICS}").stdout)
+        for s in family.samples
+        if not s.labels
+    }
+    assert samples["smt_ingest_last_pass_exit_code"] == record["exit_code"] == 0
+    assert samples["smt_ingest_last_success_timestamp_seconds"] == record["last_success_ts"]
+    assert samples["smt_ingest_last_pass_end_timestamp_seconds"] == record["finished_ts"]
+    assert samples["smt_ingest_inbox_files"] == record["inbox_files"] > 0
+    # The staleness check says once that the ingest is healthy again.
+    bed.run("systemctl start smt-notify-check.service")
+    last = json.loads(bed.run(f"tail -n 1 {ALERTS}").stdout)["body"]
+    assert last["title"].endswith("smt-ingest passes succeed again"), last
