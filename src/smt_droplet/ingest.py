@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import spool
+from . import progress, spool
 from .config import (
     PgpSettings,
     PostSettings,
@@ -162,7 +162,22 @@ def _post_files(
 ) -> None:
     """Run :func:`process_file` over ``items``; stop at the first 401/503, and at the first
     post the ledger cannot record (a full disk: every further post would be unrecorded too)."""
+    with progress.bar(len(items), "file", "post") as shown:
+        _post_each(ctx, items, result, shown, force=force, esiid=esiid, meter=meter)
+
+
+def _post_each(
+    ctx: PostContext,
+    items: list[InboxFile],
+    result: PassResult,
+    shown: Any,
+    *,
+    force: bool,
+    esiid: str | None,
+    meter: str | None,
+) -> None:
     for index, item in enumerate(items):
+        shown.update(1)
         try:
             r = process_file(ctx, item, force=force, esiid=esiid, meter=meter)
         except LedgerError as exc:  # only the append after a 200 writes the ledger here

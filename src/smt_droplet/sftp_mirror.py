@@ -47,11 +47,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import paramiko
 
-from . import durable
+from . import durable, progress
 from .config import ConfigError, SftpSettings
 from .inbox import matches
 
@@ -320,6 +320,10 @@ def _read_small(remote: paramiko.SFTPFile, size: int) -> bytes | None:
     return data or b""
 
 
+# The terminal's progress bar of the running mirror (progress.py; a NullBar otherwise).
+_progress: Any = progress.NullBar()
+
+
 def _read_windowed(remote: paramiko.SFTPFile, size: int, out: BinaryIO) -> int:
     """Read ``size`` bytes with many READ requests in flight, a window of ``READ_WINDOW`` at a
     time. paramiko's plain ``prefetch`` of a whole 200 MB file queues thousands of requests and
@@ -332,6 +336,7 @@ def _read_windowed(remote: paramiko.SFTPFile, size: int, out: BinaryIO) -> int:
         for data in remote.readv(chunks):
             out.write(data)
             received += len(data)
+            _progress.update(len(data))
     return received
 
 
@@ -605,6 +610,7 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
                 continue
             request(type(None), CMD_CLOSE, handle)  # the answer is dropped when it arrives
             _store(item, b"" if msg is None else msg.get_string())
+            _progress.update(item.size)
     except _CONNECTION_ERRORS as exc:
         _connection_lost(sftp, items, exc)
     return True
@@ -651,7 +657,7 @@ def mirror(
                         return result
                     _remove_stale_partials(settings.local_dir, settings.max_depth)
                     pending = todo
-                _download_all(transport, pending, settings.parallel, settings.io_timeout)
+                _download_with_progress(transport, pending, settings)
         except (SyncError, OSError, paramiko.SSHException, EOFError) as exc:
             reason = _failure_reason(exc, settings)
             if attempt > settings.retries:
@@ -770,6 +776,20 @@ def _plan(
         item.status = WOULD_DOWNLOAD
         todo.append(item)
     return todo
+
+
+def _download_with_progress(
+    transport: paramiko.Transport, todo: list[MirroredFile], settings: SftpSettings
+) -> None:
+    """:func:`_download_all` with a bytes bar in a terminal (files, bytes, rate, ETA)."""
+    global _progress
+    total = sum(f.size for f in todo)
+    with progress.bar(total, "B", f"sync {len(todo)} file(s)") as shown:
+        _progress = shown
+        try:
+            _download_all(transport, todo, settings.parallel, settings.io_timeout)
+        finally:
+            _progress = progress.NullBar()
 
 
 def _download_all(
