@@ -63,6 +63,11 @@ def test_a_pass_writes_its_record_and_metrics(env, sftp_peer, smt_csv, webapp) -
     assert m[("smt_ingest_inbox_files", ())] == 2
     assert m[("smt_ingest_last_pass_downloaded_bytes", ())] == record["bytes_downloaded"]
     assert m[("smt_ingest_free_bytes", ())] > 0
+    assert (
+        m[("smt_ingest_last_pass_intervals_posted", ())] == record["intervals_posted"] == 96 + 92
+    )  # 3/8, 3/9 (DST)
+    assert m[("smt_ingest_last_pass_intervals_missing", ())] == 0
+    assert m[("smt_ingest_last_pass_files_with_gaps", ())] == 0
     assert verdict(record, 3600) == ""
 
     # The SFTP peer goes away: the pass fails, the last success is carried over.

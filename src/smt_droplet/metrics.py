@@ -96,6 +96,26 @@ def write_pass_metrics(directory: Path, record: Mapping[str, Any]) -> Path | Non
     gauge(
         "smt_ingest_free_bytes", "Free bytes on the spool's file system.", record.get("free_bytes")
     )
+    gauge(
+        "smt_ingest_last_pass_intervals_posted",
+        "Intervals with a reading in the CSVs the last pass posted.",
+        record.get("intervals_posted"),
+    )
+    gauge(
+        "smt_ingest_last_pass_intervals_missing",
+        "Expected intervals missing from the CSVs the last pass posted.",
+        record.get("intervals_missing"),
+    )
+    gauge(
+        "smt_ingest_last_pass_files_with_gaps",
+        "Posted CSVs of the last pass with at least one day short of intervals.",
+        record.get("files_with_gaps"),
+    )
+    gauge(
+        "smt_ingest_last_pass_files_layout_unknown",
+        "Posted CSVs of the last pass in a layout the summary does not know.",
+        record.get("files_layout_unknown"),
+    )
     counts = record.get("counts") or {}
     files = Gauge(
         "smt_ingest_last_pass_files",

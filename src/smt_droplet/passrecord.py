@@ -26,7 +26,7 @@ from typing import Any
 
 from . import spool
 from .config import RecordSettings
-from .outcomes import FileResult, Outcome, PassResult
+from .outcomes import ACCEPTED_OUTCOMES, FileResult, Outcome, PassResult
 
 log = logging.getLogger("smt_droplet.ingest")
 
@@ -51,6 +51,7 @@ def finish_pass(settings: RecordSettings, result: PassResult, *, trigger: str) -
         finished_ts=round(now, 3),
         duration_seconds=round(now - result.started_at, 3),
         files=[_brief(f) for f in result.files if f.outcome not in QUIET][:MAX_FILES],
+        **_data(result),
     )
     record["last_success_ts"] = (
         record["finished_ts"] if result.exit_code == 0 else previous.get("last_success_ts")
@@ -91,4 +92,15 @@ def _brief(f: FileResult) -> dict[str, Any]:
         "app_id": f.app_id,
         "reason": f.reason,
         "needs_operator": f.needs_operator,
+    }
+
+
+def _data(result: PassResult) -> dict[str, int]:
+    """What the data summaries of the files this pass posted add up to."""
+    posted = [f.summary for f in result.files if f.summary and f.outcome in ACCEPTED_OUTCOMES]
+    return {
+        "intervals_posted": sum(int(s.get("intervals_present", 0)) for s in posted),
+        "intervals_missing": sum(int(s.get("intervals_missing", 0)) for s in posted),
+        "files_with_gaps": sum(1 for s in posted if s.get("gap_day_count")),
+        "files_layout_unknown": sum(1 for s in posted if s.get("layout") == "unknown"),
     }
