@@ -347,6 +347,10 @@ def test_12_sftp_down_alerts_and_degrades_health_then_one_pass_clears(bed: Bed) 
     assert samples["smt_ingest_last_success_timestamp_seconds"] == record["last_success_ts"]
     assert samples["smt_ingest_last_pass_end_timestamp_seconds"] == record["finished_ts"]
     assert samples["smt_ingest_inbox_files"] == record["inbox_files"] > 0
+    # node_exporter (Debian's, installed by the role) serves the same file.
+    scraped = bed.run("curl -sS --max-time 10 http://127.0.0.1:9100/metrics").stdout
+    assert re.search(r"^smt_ingest_last_pass_exit_code 0$", scraped, re.M), scraped[-2000:]
+    assert re.search(r"^smt_ingest_last_success_timestamp_seconds \S+$", scraped, re.M)
     # The staleness check says once that the ingest is healthy again.
     bed.run("systemctl start smt-notify-check.service")
     last = json.loads(bed.run(f"tail -n 1 {ALERTS}").stdout)["body"]
