@@ -175,3 +175,16 @@ def test_every_metric_the_rules_use_is_written(tmp_path) -> None:
     written = {f.name for f in text_string_to_metric_families(target.read_text())}
     ingest = {name for name in used if name.startswith("smt_ingest_")}
     assert ingest and ingest <= written, ingest - written
+
+
+def test_the_metrics_file_is_readable_by_node_exporter(env, inbox, smt_csv, webapp) -> None:
+    """The units run with UMask=0007; node_exporter runs as its own user and must read the file
+    (0660 made Debian's node_exporter report node_textfile_scrape_error 1)."""
+    smt_csv.write(inbox, name=f"a_{ESIID}.csv", esiid=ESIID)
+    old = os.umask(0o007)
+    try:
+        assert run_pass(env, sync=False).exit_code == 0
+    finally:
+        os.umask(old)
+    target = Path(env["SMT_METRICS_DIR"]) / "smt_ingest.prom"
+    assert target.stat().st_mode & 0o777 == 0o644

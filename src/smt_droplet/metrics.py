@@ -132,6 +132,9 @@ def write_pass_metrics(directory: Path, record: Mapping[str, Any]) -> Path | Non
     target = Path(directory) / TEXTFILE
     try:
         write_to_textfile(str(target), registry)
+        # node_exporter runs as its own user; the units' UMask=0007 would hide the file from it
+        # (metrics hold no secret).
+        target.chmod(0o644)
     except OSError as exc:
         log.warning("metrics: cannot write %s: %s", target, exc.strerror or exc)
         return None
