@@ -123,3 +123,17 @@ def test_not_a_csv_needs_a_person_and_is_not_posted(env, inbox, webapp, caplog) 
     rows = status(env)
     assert rows[page.name]["state"] == "not-csv" and "HTML" in rows[page.name]["reason"]
     assert rows["empty.csv"]["needs_operator"] is True
+
+
+def test_a_waiting_no_esiid_file_does_not_rewrite_the_ledger(env, inbox, smt_csv) -> None:
+    """An idle pass over an inbox with an orphan must not rewrite the sidecar every 30 min
+    (it holds the hash cache of every file: years of deliveries)."""
+    (inbox / "orphan.csv").write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    smt_csv.write(inbox, name=f"a_{ESIID}.csv", esiid=ESIID)
+    run_pass(env, sync=False)
+    sidecar = inbox / ".posted_sha256.json"
+    before = sidecar.stat()
+    second = run_pass(env, sync=False)
+    assert second.counts() == {"skipped-already-posted": 1, "no-esiid": 1}
+    after = sidecar.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

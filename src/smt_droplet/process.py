@@ -174,6 +174,8 @@ def _note_no_esiid(ledger: Ledger, result: FileResult, rel: str) -> None:
     assert result.sha256 is not None
     previous = ledger.outcome(result.sha256)
     result.reported_before = previous is not None and previous.status == Outcome.NO_ESIID
+    if result.reported_before and previous is not None and previous.path == rel:
+        return  # unchanged: an idle pass must not rewrite the sidecar for it
     ledger.record_outcome(result.sha256, Outcome.NO_ESIID, result.reason, rel, facts(result))
 
 
