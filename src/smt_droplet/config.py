@@ -77,14 +77,17 @@ def _base_url(env: Mapping[str, str]) -> str:
     if parsed.scheme == "https" and parsed.hostname:
         return base_url
     if parsed.scheme == "http" and parsed.hostname:
-        loopback = parsed.hostname in _LOOPBACK_HOSTS or parsed.hostname.startswith("127.")
-        if loopback or _flag(env, "SMT_ALLOW_HTTP"):
+        if _loopback(parsed.hostname) or _flag(env, "SMT_ALLOW_HTTP"):
             return base_url
         raise ConfigError(
             f"INTELLIWATT_BASE_URL={base_url!r} is plain http to a non-loopback host: the admin "
             "token would travel in clear. Use https://, or set SMT_ALLOW_HTTP=1 deliberately"
         )
     raise ConfigError(f"INTELLIWATT_BASE_URL={base_url!r} must start with https://")
+
+
+def _loopback(hostname: str) -> bool:
+    return hostname in _LOOPBACK_HOSTS or hostname.startswith("127.")
 
 
 def _notify_url(env: Mapping[str, str]) -> str | None:
@@ -96,7 +99,7 @@ def _notify_url(env: Mapping[str, str]) -> str | None:
     if parsed.scheme == "https" and parsed.hostname:
         return url
     if parsed.scheme == "http" and parsed.hostname:
-        if parsed.hostname in _LOOPBACK_HOSTS or parsed.hostname.startswith("127."):
+        if _loopback(parsed.hostname):
             return url
     raise ConfigError("SMT_NOTIFY_URL must be an https:// URL (plain http only to loopback)")
 

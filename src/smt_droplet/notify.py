@@ -26,6 +26,7 @@ from typing import Any
 
 from . import durable, spool
 from .config import ConfigError, NotifySettings
+from .outcomes import iso_utc
 from .passrecord import verdict
 
 log = logging.getLogger("smt_droplet.notify")
@@ -140,7 +141,7 @@ def describe_last(record: dict[str, Any] | None) -> str:
         parts.append("The pass stopped on a configuration error (token, key or host key).")
     last = record.get("last_success_ts")
     if isinstance(last, int | float):
-        parts.append(f"Last success: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last))}.")
+        parts.append(f"Last success: {iso_utc(last)}.")
     return " ".join(parts)
 
 

@@ -29,6 +29,11 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 
+def iso_utc(ts: float | None = None) -> str:
+    """``ts`` (default: now) as UTC ISO 8601 to the second, ``2026-12-02T10:00:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 class ExitCode(IntEnum):
     OK = 0
     RETRY = 1
@@ -177,7 +182,7 @@ class PassResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished_at": iso_utc(),
             "started_ts": round(self.started_at, 3),
             "sync_seconds": round(self.sync_seconds, 3),
             "post_seconds": round(self.post_seconds, 3),

@@ -4,7 +4,6 @@ text or JSON by the caller."""
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from .csvdata import brief
 from .inbox import scan_inbox
 from .ledger import Ledger, LedgerError
 from .lock import lock_path_for
-from .outcomes import NEEDS_OPERATOR
+from .outcomes import NEEDS_OPERATOR, iso_utc
 from .process import file_digest
 
 log = logging.getLogger("smt_droplet.status")
@@ -64,7 +63,7 @@ def inbox_status(settings: InboxSettings) -> dict[str, Any]:
             except OSError:
                 continue
         row = _row(ledger, item.rel, digest, item.size)
-        row.arrived = _iso(ledger.first_seen(item.rel) or item.mtime)
+        row.arrived = iso_utc(ledger.first_seen(item.rel) or item.mtime)
         rows.append(row)
     try:
         ledger.save()
@@ -95,7 +94,7 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
         state, reason, info = "pending", "", {}
     row = FileStatus(rel, state, digest, size, reason, app.get("id"))
     row.needs_operator = state in NEEDS_OPERATOR
-    row.at = _iso(info["at"]) if isinstance(info.get("at"), int | float) else None
+    row.at = iso_utc(info["at"]) if isinstance(info.get("at"), int | float) else None
     row.esiid = _str_or_none(info.get("esiid"))
     row.meter = _str_or_none(info.get("meter"))
     row.summary = info.get("summary") if isinstance(info.get("summary"), dict) else None
@@ -104,10 +103,6 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
         row.member = _str_or_none(info.get("member"))
         row.csv_sha256 = _str_or_none(info.get("csv_sha256"))
     return row
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _str_or_none(value: Any) -> str | None:

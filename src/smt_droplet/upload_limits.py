@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from .config import UploadSettings
 from .httpserver import Reject, json_error
+from .outcomes import iso_utc
 from .ratelimit import Decision, RateLimiter, RateLimitError
 from .tickets import TicketError, verify
 
 TICKET_HEADER = "x-smt-upload-ticket"
 CLIENT_WINDOW = 24 * 3600.0
-
-
-def iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
