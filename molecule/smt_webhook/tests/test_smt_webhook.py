@@ -88,12 +88,27 @@ def test_ufw_opens_only_ssh_and_webhook(host):
     assert ufw_allowed(host) == {"22/tcp", "8787/tcp"}
 
 
-def test_health(host):
-    out = host.run(
-        'python3 -c \'import urllib.request as u; r = u.urlopen("http://127.0.0.1:8787/health", '
-        "timeout=5); print(r.status)'"
-    )
-    assert out.stdout.strip() == "200", out.stderr
+HEALTH = """
+import json, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen("http://127.0.0.1:8787/health", timeout=5) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def health(host) -> tuple[int, dict]:
+    out = host.run("python3 -c %s", HEALTH)
+    assert out.rc == 0, out.stderr
+    status, _, body = out.stdout.strip().partition(" ")
+    return int(status), json.loads(body)
+
+
+def test_health_before_any_pass(host):
+    assert not host.file(f"{SPOOL}/status/last-ingest.json").exists  # no pass ran yet
+    status, body = health(host)
+    assert status == 200, body
 
 
 def test_trigger_queues_a_pass_that_the_path_unit_starts(host):
@@ -115,6 +130,9 @@ def test_trigger_queues_a_pass_that_the_path_unit_starts(host):
     props = host.service("smt-ingest.service").systemd_properties
     assert props["ExecMainStatus"] == "1", props  # no SFTP/web app here: retry later
     assert host.service("smt-ingest.path").is_running  # no trigger-limit loop
+    # The failed pass is what /health reports now, without saying why to a caller with no token.
+    status, body = health(host)
+    assert status == 503 and body["reason"] == "the droplet needs attention", body
 
 
 def test_sandbox_of_the_running_server(host):
