@@ -1,4 +1,5 @@
-"""The runtime package the role ships: exactly the tracked ``.py`` files, reproducibly.
+"""The runtime package the role ships: exactly the tracked ``.py`` files and the operator page's
+assets, reproducibly.
 
 Drives the role's own controller-side step (``roles/smt_ingest/tasks/package_build.yml``) through
 ``ansible-playbook`` on localhost; that step only packs on the controller (no host changes), so it
@@ -54,6 +55,7 @@ def dirty_tree(tmp_path: Path) -> Path:
         [sys.executable, "-m", "compileall", "-q", str(pkg)], check=True, capture_output=True
     )
     (pkg / "scratch_notes.py").write_text("raise SystemExit('never shipped')\n")
+    (pkg / "page_assets" / "page.js~").write_text("// an editor's backup: never shipped\n")
     assert any((pkg / "__pycache__").glob("*.pyc"))
     return pkg
 
@@ -83,9 +85,16 @@ def _pack_with_role(pkg: Path, tmp_path: Path) -> dict[str, object]:
 @pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible-playbook not in .venv")
 def test_role_ships_only_tracked_sources(dirty_tree: Path, tmp_path: Path) -> None:
     packed = _pack_with_role(dirty_tree, tmp_path)
-    tracked = sorted(p.name for p in (REPO / "src/smt_droplet").glob("*.py"))
+    src = REPO / "src/smt_droplet"
+    assets = sorted(
+        f"page_assets/{p.name}"
+        for p in (src / "page_assets").iterdir()
+        if p.suffix in (".html", ".js", ".css", ".svg")
+    )
+    assert assets == [f"page_assets/{n}" for n in ("icon.svg", "index.html", "page.css", "page.js")]
+    tracked = sorted([*(p.name for p in src.glob("*.py")), *assets])
     assert _members(Path(str(packed["path"]))) == sorted(
-        ["smt_droplet", *(f"smt_droplet/{n}" for n in tracked)]
+        ["smt_droplet", "smt_droplet/page_assets", *(f"smt_droplet/{n}" for n in tracked)]
     )
     assert packed["files"] == tracked
 

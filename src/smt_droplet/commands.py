@@ -16,8 +16,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from . import actions
 from .config import (
     ConfigError,
     InboxSettings,
@@ -140,63 +140,33 @@ def run_forget_command(env: Mapping[str, str], args: argparse.Namespace) -> Exit
         with PassLock(lock_path_for(inbox.state_file), wait=inbox.lock_wait):
             ledger = Ledger.load(inbox.state_file)
             target = resolve_target(inbox, ledger, args.target)
-            known = ledger.is_posted(target.digest) or ledger.outcome(target.digest) is not None
-            removed = ledger.forget({target.digest})
+            actions.forget(ledger, target.digest, target.rel)
             ledger.save()
     except LockBusy as exc:
         log.error("forget: %s; try again when it has finished", exc)
         return ExitCode.RETRY
-    if not known:
-        log.warning(
-            "forget: %s (%s) was not in the ledger %s", target.rel, target.digest, inbox.state_file
-        )
-    else:
-        log.info(
-            "forgot %s sha256=%s (%d ledger line(s)); the next pass posts it again",
-            target.rel,
-            target.digest,
-            removed,
-        )
     return ExitCode.OK
 
 
 def run_ignore_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
     """Settle a file for good: a tombstone in the ledger, never posted, shown as ``ignored``."""
     inbox = InboxSettings.from_env(env)
-    reason = " ".join(args.reason.split())
-    if not reason:
+    if not args.reason.split():
         raise ConfigError("ignore: --reason must say why (it is shown in status)")
     check_state_dir(inbox.state_file)
     try:
         with PassLock(lock_path_for(inbox.state_file), wait=inbox.lock_wait):
             ledger = Ledger.load(inbox.state_file)
             target = resolve_target(inbox, ledger, args.target)
-            if ledger.is_posted(target.digest):
-                log.error(
-                    "ignore: %s sha256=%s was already posted; nothing to ignore",
-                    target.rel,
-                    target.digest,
-                )
+            try:
+                actions.ignore(ledger, target.digest, target.rel, args.reason, _operator())
+            except actions.ActionError as exc:
+                log.error("ignore: %s", exc)
                 return ExitCode.CONFIG
-            previous = ledger.outcomes.get(target.digest) or {}
-            kept: dict[str, Any] = {
-                k: previous[k] for k in ("esiid", "meter", "summary") if k in previous
-            }
-            kept["was"] = previous.get("status")
-            ledger.record_outcome(
-                target.digest, Outcome.IGNORED, reason, target.rel, {**kept, "by": _operator()}
-            )
             ledger.save()
     except LockBusy as exc:
         log.error("ignore: %s; try again when it has finished", exc)
         return ExitCode.RETRY
-    log.info(
-        "ignored %s sha256=%s: %s (undo with `smt-droplet forget %s`)",
-        target.rel,
-        target.digest,
-        reason,
-        target.digest[:12],
-    )
     return ExitCode.OK
 
 

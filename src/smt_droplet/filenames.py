@@ -73,6 +73,14 @@ def stored_name(original: str, now: float | None = None, max_stem: int = MAX_STE
     return f"{stamp}_{sanitize_filename(original, max_stem)}"
 
 
+_UPLOAD_NAME = re.compile(r"\A\d{8}T\d{6}_[^/]+\Z")
+
+
+def is_upload_name(rel: str) -> bool:
+    """Whether an inbox-relative path is one :func:`stored_name` gave (an upload, not SFTP)."""
+    return bool(_UPLOAD_NAME.match(rel))
+
+
 def with_counter(name: str, n: int) -> str:
     """``name`` with ``-<n>`` before its CSV extension (used when the name is taken)."""
     split = split_csv_extension(name)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import progress, spool
+from . import actions, progress, spool
 from .config import (
     PgpSettings,
     PostSettings,
@@ -53,6 +53,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
         result.requests = len(requests)
         try:
             plan = plan_from_requests(requests)
+            _apply_page_actions(settings, requests)
             if sftp_settings is not None:
                 started = time.monotonic()
                 _sync(sftp_settings, pkey, result)
@@ -130,6 +131,18 @@ def _claim(queue_dir: Path) -> list[spool.Request]:
     if requests:
         log.info("serving %d queued request(s)", len(requests))
     return requests
+
+
+def _apply_page_actions(settings: PostSettings, requests: list[spool.Request]) -> None:
+    """The operator page's forget/ignore decisions (see :mod:`smt_droplet.actions`)."""
+    if not any(r.kind == "page" for r in requests):
+        return
+    ledger = Ledger.load(settings.state_file)
+    if actions.apply_requests(ledger, requests):
+        try:
+            ledger.save()
+        except LedgerError as exc:
+            log.error("ledger: the page's decisions are not saved: %s", exc)
 
 
 def _sync(sftp_settings: SftpSettings, pkey: Any, result: PassResult) -> None:

@@ -80,6 +80,12 @@ def depth(spool_dir: Path) -> int:
         return 0
 
 
+def is_waiting(spool_dir: Path, request_id: str) -> bool:
+    """Whether the request is still queued or in the hands of a pass (not served yet)."""
+    name = f"{request_id}.json"
+    return any((spool_dir / sub / name).exists() for sub in ("queue", "processing"))
+
+
 def _load(path: Path) -> Request | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

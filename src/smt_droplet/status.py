@@ -11,6 +11,7 @@ from typing import Any
 from . import spool
 from .config import InboxSettings
 from .csvdata import brief
+from .filenames import is_upload_name
 from .inbox import scan_inbox
 from .ledger import Ledger, LedgerError
 from .lock import lock_path_for
@@ -40,6 +41,7 @@ class FileStatus:
     meter: str | None = None
     needs_operator: bool = False
     summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of the posted CSV
+    source: str = "sftp"  # "upload" for a name the upload server gave (filenames.is_upload_name)
 
 
 def status_report(settings: InboxSettings) -> dict[str, Any]:
@@ -50,8 +52,9 @@ def status_report(settings: InboxSettings) -> dict[str, Any]:
     return report
 
 
-def inbox_status(settings: InboxSettings) -> dict[str, Any]:
-    """Per-file state from the ledger and the inbox (hashes cached like a pass does)."""
+def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[str, Any]:
+    """Per-file state from the ledger and the inbox (hashes cached like a pass does; a reader
+    that does not own the ledger, the operator page's server, passes ``save_cache=False``)."""
     ledger = Ledger.load(settings.state_file)
     exclude = [settings.state_file, ledger.sidecar, lock_path_for(settings.state_file)]
     rows: list[FileStatus] = []
@@ -65,10 +68,11 @@ def inbox_status(settings: InboxSettings) -> dict[str, Any]:
         row = _row(ledger, item.rel, digest, item.size)
         row.arrived = iso_utc(ledger.first_seen(item.rel) or item.mtime)
         rows.append(row)
-    try:
-        ledger.save()
-    except LedgerError as exc:
-        log.debug("hash cache not saved: %s", exc)
+    if save_cache:
+        try:
+            ledger.save()
+        except LedgerError as exc:
+            log.debug("hash cache not saved: %s", exc)
     seen = {r.sha256 for r in rows}
     rows.sort(key=lambda r: (not r.needs_operator, r.path))
     return {
@@ -80,6 +84,27 @@ def inbox_status(settings: InboxSettings) -> dict[str, Any]:
         "needs_operator": sum(r.needs_operator for r in rows),
         "files": [asdict(r) for r in rows],
     }
+
+
+def file_status(settings: InboxSettings, digest: str, rel: str | None = None) -> dict[str, Any]:
+    """The row of one file by its digest (``rel``: where it was stored, when the ledger has not
+    seen it yet), without scanning the inbox; raises KeyError when neither knows it."""
+    ledger = Ledger.load(settings.state_file)
+    recorded = ledger.apps.get(digest) or ledger.outcomes.get(digest) or {}
+    rel = ledger.path_of(digest) or rel or _str_or_none(recorded.get("path"))
+    if rel is None:
+        raise KeyError(digest)
+    try:
+        stat = (settings.local_dir / rel).stat()
+        size, mtime = stat.st_size, stat.st_mtime
+    except OSError:  # posted and gone (retention), or a bad hint
+        if not ledger.is_posted(digest) and ledger.outcome(digest) is None:
+            raise KeyError(digest) from None
+        size, mtime = 0, None
+    row = _row(ledger, rel, digest, size)
+    first = ledger.first_seen(rel) or mtime
+    row.arrived = iso_utc(first) if first is not None else None
+    return asdict(row)
 
 
 def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
@@ -94,6 +119,7 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
         state, reason, info = "pending", "", {}
     row = FileStatus(rel, state, digest, size, reason, app.get("id"))
     row.needs_operator = state in NEEDS_OPERATOR
+    row.source = "upload" if is_upload_name(rel) else "sftp"
     row.at = iso_utc(info["at"]) if isinstance(info.get("at"), int | float) else None
     row.esiid = _str_or_none(info.get("esiid"))
     row.meter = _str_or_none(info.get("meter"))

@@ -48,6 +48,7 @@ from .httpserver import (
     spool_writable,
 )
 from .outcomes import ExitCode
+from .page import OperatorPage
 from .ratelimit import RateLimiter, RateLimitError
 from .servermetrics import new_metrics
 from .upload_limits import (
@@ -380,14 +381,18 @@ class UploadService:
 
     @web.middleware
     async def cors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        return self._cors(request, await handler(request))
+        """Only ``/upload`` is for another origin (the app's form); the page's API is not."""
+        response = await handler(request)
+        return self._cors(request, response) if request.path == "/upload" else response
 
 
 def make_app(
     settings: UploadSettings, limiter: RateLimiter, tracker: RequestTracker
 ) -> tuple[web.Application, UploadService]:
     service = UploadService(settings, limiter)
-    app = web.Application(middlewares=[tracker.middleware, service.cors_middleware])
+    page = OperatorPage(settings)
+    app = web.Application(middlewares=[tracker.middleware, page.guard, service.cors_middleware])
+    page.add_routes(app)  # GET / and /api/v1/ (smt_droplet.page)
     app.router.add_post("/upload", service.upload, expect_handler=service.expect)
     app.router.add_route("OPTIONS", "/upload", service.preflight)
     app.router.add_get("/health", service.health)

@@ -98,6 +98,7 @@ def test_dropin(host):
 
 def test_runtime_package_installed(host):
     assert host.file("/opt/smt-droplet/smt_droplet/__main__.py").is_file
+    assert host.file("/opt/smt-droplet/smt_droplet/page_assets/page.js").is_file  # the page
     assert not host.file("/opt/smt-droplet/smt_droplet/__pycache__").exists
     env = "PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/smt-droplet"
     out = host.run(f"{env} /usr/bin/python3 -m smt_droplet --version")

@@ -1,0 +1,96 @@
+"""An operator's decisions about one file: ``forget`` (post it again) and ``ignore`` (never post).
+
+The one implementation behind ``smt-droplet forget|ignore`` and behind the operator page's
+buttons. The page's server (the upload server's user) cannot write the ledger, so it queues the
+decision as a spool request (``kind="page"``, ``extra["action"]``); the next ingest pass, which
+owns the ledger, applies it under the pass lock (:func:`apply_requests`) before it posts anything.
+The caller of :func:`forget` and :func:`ignore` holds the lock and saves the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from . import spool
+from .ledger import Ledger, LedgerError, is_digest
+from .outcomes import Outcome
+
+log = logging.getLogger("smt_droplet.ingest")
+
+PAGE_ACTIONS = ("forget", "ignore")
+
+
+class ActionError(ValueError):
+    """The decision cannot apply to this file (e.g. ignoring one that is already posted)."""
+
+
+def forget(ledger: Ledger, digest: str, rel: str) -> int:
+    """Drop ``digest`` from the ledger and its sidecar state; the next pass posts it again.
+
+    Returns the ledger lines removed (0 with a warning when the ledger did not know it)."""
+    known = ledger.is_posted(digest) or ledger.outcome(digest) is not None
+    removed = ledger.forget({digest})
+    if known:
+        log.info(
+            "forgot %s sha256=%s (%d ledger line(s)); the next pass posts it again",
+            rel,
+            digest,
+            removed,
+        )
+    else:
+        log.warning("forget: %s (%s) was not in the ledger %s", rel, digest, ledger.state_file)
+    return removed
+
+
+def ignore(ledger: Ledger, digest: str, rel: str, reason: str, by: str) -> None:
+    """Settle a file for good: a tombstone in the sidecar, never posted, shown as ``ignored``."""
+    reason = " ".join(reason.split())
+    if not reason:
+        raise ActionError("ignore needs a reason (it is shown in status)")
+    if ledger.is_posted(digest):
+        raise ActionError(f"{rel} sha256={digest} was already posted; nothing to ignore")
+    previous = ledger.outcomes.get(digest) or {}
+    kept: dict[str, Any] = {k: previous[k] for k in ("esiid", "meter", "summary") if k in previous}
+    kept["was"] = previous.get("status")
+    ledger.record_outcome(digest, Outcome.IGNORED, reason, rel, {**kept, "by": by})
+    log.info(
+        "ignored %s sha256=%s: %s (by %s; undo with `smt-droplet forget %s`)",
+        rel,
+        digest,
+        reason,
+        by,
+        digest[:12],
+    )
+
+
+def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
+    """Apply the page's queued decisions in the order they were made; returns how many did.
+
+    A request that cannot apply (an unknown action, a bad digest, ignoring a posted file) is
+    logged as a warning and dropped: the page shows the file's state as it is."""
+    applied = 0
+    for request in sorted(requests, key=lambda r: r.received_at):  # ids sort by the second only
+        action = request.extra.get("action") if request.kind == "page" else None
+        if action not in PAGE_ACTIONS:
+            continue
+        digest = str(request.extra.get("sha256") or "")
+        by = str(request.extra.get("by") or "page")
+        if not is_digest(digest):
+            log.warning("page request %s: %r is not a sha256; dropped", request.id, digest)
+            continue
+        rel = ledger.path_of(digest) or request.filename or digest
+        try:
+            if action == "forget":
+                forget(ledger, digest, rel)
+            else:
+                ignore(ledger, digest, rel, str(request.reason or ""), by)
+        except ActionError as exc:
+            log.warning("page request %s (%s): %s; dropped", request.id, action, exc)
+            continue
+        except LedgerError as exc:
+            log.error("page request %s (%s): %s", request.id, action, exc)
+            continue
+        applied += 1
+    return applied

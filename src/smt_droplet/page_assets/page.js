@@ -1,0 +1,378 @@
+// The SMT droplet's operator page: vanilla JavaScript, no framework, no build step.
+// The secret lives in sessionStorage (this tab only) and travels in a header, never in a URL.
+"use strict";
+
+const API = "/api/v1";
+const KEY = "smt-droplet-secret";
+const $ = (id) => document.getElementById(id);
+let limits = { maxBytes: 0, csvPattern: "\\.csv(\\.\\d+)?$" };
+
+function secretHeader(secret) {
+  return secret.startsWith("v1.") ? { "x-smt-upload-ticket": secret } : { "x-smt-upload-token": secret };
+}
+
+function authHeaders() {
+  const secret = sessionStorage.getItem(KEY);
+  return secret ? secretHeader(secret) : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(API + path, {
+    ...options,
+    headers: { ...authHeaders(), ...(options.headers || {}) },
+    cache: "no-store",
+  });
+  if (response.status === 401) {
+    signOut("Your session is no longer accepted: sign in again.");
+    throw new Error("unauthorized");
+  }
+  return response;
+}
+
+function text(tag, content, cls) {
+  const el = document.createElement(tag);
+  el.textContent = content == null ? "" : String(content);
+  if (cls) el.className = cls;
+  return el;
+}
+
+function bytes(n) {
+  if (n == null) return "–";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function when(iso) {
+  return iso ? iso.replace("T", " ").replace("Z", " UTC") : "–";
+}
+
+// -- sign-in -------------------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  const secret = $("secret").value.trim();
+  $("sign-in-error").textContent = "";
+  if (!secret) return;
+  let response;
+  try {
+    response = await fetch(API + "/session", { headers: secretHeader(secret), cache: "no-store" });
+  } catch (err) {
+    $("sign-in-error").textContent = "The droplet cannot be reached.";
+    return;
+  }
+  if (response.status === 401) {
+    $("sign-in-error").textContent = "Wrong token or ticket: the droplet refused it.";
+    $("secret").select();
+    return;
+  }
+  if (!response.ok) {
+    $("sign-in-error").textContent = `The droplet answered ${response.status}.`;
+    return;
+  }
+  sessionStorage.setItem(KEY, secret);
+  $("secret").value = "";
+  await start(await response.json());
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  $("app").hidden = true;
+  $("sign-out").hidden = true;
+  $("sign-in").hidden = false;
+  $("sign-in-error").textContent = message || "";
+  $("secret").focus();
+}
+
+async function start(session) {
+  limits = session;
+  $("sign-in").hidden = true;
+  $("app").hidden = false;
+  $("sign-out").hidden = false;
+  await refresh();
+}
+
+async function refresh() {
+  await Promise.all([loadOverview(), loadFiles(), loadCoverage()]);
+}
+
+// -- health at a glance ---------------------------------------------------------------------
+
+async function loadOverview() {
+  const o = await (await api("/overview")).json();
+  const verdict = $("health-verdict");
+  verdict.textContent = o.healthy ? "Healthy" : `Needs attention: ${o.reason}`;
+  verdict.className = o.healthy ? "ok" : "error";
+  const last = o.lastPass;
+  const facts = [
+    ["Last pass", last ? `${when(last.finished)}, ${last.duration_seconds} s, exit ${last.exit_code} (${last.trigger})` : "none yet"],
+    ["Last success", when(o.lastSuccess)],
+    ["Next timer run", when(o.nextTimerRun)],
+    ["Queue depth", o.queueDepth],
+    ["Free disk", bytes(o.freeBytes)],
+    ["Upload cap", bytes(o.maxBytes)],
+  ];
+  const dl = $("health-facts");
+  dl.replaceChildren();
+  for (const [name, value] of facts) {
+    dl.append(text("dt", name), text("dd", value));
+  }
+}
+
+async function loadCoverage() {
+  const data = await (await api("/coverage")).json();
+  const box = $("coverage");
+  for (const img of box.querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  box.replaceChildren();
+  if (!data.esiids.length) {
+    box.append(text("p", "No posted data yet."));
+    return;
+  }
+  for (const c of data.esiids) {
+    const figure = document.createElement("figure");
+    figure.dataset.esiid = c.esiid;
+    const svg = await (await api(`/coverage/${c.esiid}.svg`)).blob();
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(svg);
+    img.alt = `ESIID ${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing days`;
+    figure.append(img, text("figcaption", `${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing`));
+    box.append(figure);
+  }
+}
+
+// -- files ------------------------------------------------------------------------------------
+
+async function loadFiles(event) {
+  if (event) event.preventDefault();
+  const query = new URLSearchParams();
+  if ($("filter-outcome").value) query.set("outcome", $("filter-outcome").value);
+  if ($("filter-esiid").value.trim()) query.set("esiid", $("filter-esiid").value.trim());
+  const data = await (await api(`/files?${query}`)).json();
+  $("files-count").textContent = `${data.matching} file(s); ${data.needs_operator} need a person`;
+  const body = $("files-table").tBodies[0];
+  body.replaceChildren();
+  for (const row of data.files) body.append(fileRow(row));
+}
+
+function fileRow(row) {
+  const tr = document.createElement("tr");
+  tr.dataset.sha256 = row.sha256;
+  tr.dataset.state = row.state;
+  const s = row.summary || {};
+  const dates = s.first_day ? `${s.first_day} – ${s.last_day}` : "–";
+  const intervals = s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
+  tr.append(
+    text("td", when(row.arrived)),
+    text("td", row.path, "path"),
+    text("td", row.source),
+    text("td", row.state, `state ${row.needs_operator ? "needs" : ""}`),
+    text("td", row.esiid || "–"),
+    text("td", dates),
+    text("td", intervals),
+    text("td", row.app_id || "–"),
+    text("td", row.reason || ""),
+  );
+  const cell = document.createElement("td");
+  if (row.state !== "posted") {
+    cell.append(actionButton("Ignore", row, "ignore"));
+  }
+  if (row.state === "no-esiid") {
+    cell.append(actionButton("Post with ESIID", row, "post"));
+  }
+  if (row.state !== "pending") {
+    cell.append(actionButton("Forget", row, "forget"));
+  }
+  tr.append(cell);
+  return tr;
+}
+
+function actionButton(label, row, action) {
+  const button = text("button", label);
+  button.type = "button";
+  button.dataset.action = action;
+  button.addEventListener("click", () => confirmAction(row, action));
+  return button;
+}
+
+const ACTIONS = {
+  forget: { text: (r) => `Forget ${r.path}? The next pass posts it again.`, field: null },
+  ignore: { text: (r) => `Ignore ${r.path} for good? It is never posted.`, field: "Reason (shown in status)" },
+  post: { text: (r) => `Post ${r.path} with this ESIID?`, field: "ESIID (17 digits)" },
+};
+
+function confirmAction(row, action) {
+  const spec = ACTIONS[action];
+  const dialog = $("confirm");
+  $("confirm-text").textContent = spec.text(row);
+  $("confirm-field").hidden = !spec.field;
+  $("confirm-label").textContent = spec.field || "";
+  $("confirm-input").value = "";
+  $("confirm-error").textContent = "";
+  dialog.dataset.action = action;
+  dialog.dataset.sha256 = row.sha256;
+  dialog.showModal();
+  (spec.field ? $("confirm-input") : $("confirm-ok")).focus();
+}
+
+async function confirmed(event) {
+  event.preventDefault();
+  const dialog = $("confirm");
+  const action = dialog.dataset.action;
+  const value = $("confirm-input").value.trim();
+  const body = action === "ignore" ? { reason: value } : action === "post" ? { esiid: value } : {};
+  $("confirm-ok").disabled = true;  // one decision per confirmation
+  let response;
+  try {
+    response = await api(`/files/${dialog.dataset.sha256}/${action}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  } finally {
+    $("confirm-ok").disabled = false;
+  }
+  if (!response.ok) {
+    const why = await response.json();
+    $("confirm-error").textContent = why.message || why.error || `refused (${response.status})`;
+    return;
+  }
+  dialog.close();
+  $("action-status").textContent = `${action}: queued for the next pass`;
+  await waitServed((await response.json()).id);
+  $("action-status").textContent = `${action}: done by the pass`;
+  await refresh();
+}
+
+// Poll a queued request until an ingest pass has served it.
+async function waitServed(id) {
+  const deadline = Date.now() + 5 * 60 * 1000;
+  while (Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 1000));
+    const response = await api(`/requests/${id}`);
+    if (response.ok && (await response.json()).served) return;
+  }
+}
+
+// -- upload -----------------------------------------------------------------------------------
+
+function refuse(file) {
+  if (!new RegExp(limits.csvPattern, "i").test(file.name)) return "not a CSV file (.csv or .csv.<n>)";
+  if (limits.maxBytes && file.size > limits.maxBytes) return `larger than the cap of ${bytes(limits.maxBytes)}`;
+  return null;
+}
+
+function uploadFiles(files) {
+  for (const file of files) {
+    const item = document.createElement("li");
+    item.className = "upload";
+    const name = text("span", file.name, "name");
+    const bar = document.createElement("progress");
+    bar.max = file.size || 1;
+    bar.value = 0;
+    bar.setAttribute("aria-label", `upload of ${file.name}`);
+    const note = text("span", "", "note");
+    item.append(name, bar, note);
+    $("uploads").prepend(item);
+    const why = refuse(file);
+    if (why) {
+      item.dataset.state = "refused";
+      bar.remove();
+      note.textContent = `refused here: ${why}`;
+      note.className = "note error";
+      continue;
+    }
+    send(file, item, bar, note);
+  }
+}
+
+function send(file, item, bar, note) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const xhr = new XMLHttpRequest();
+  const started = performance.now();
+  xhr.open("POST", "/upload");
+  for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+  item.dataset.state = "sending";
+  xhr.upload.addEventListener("progress", (e) => {
+    bar.max = e.total || file.size;
+    bar.value = e.loaded;
+    const seconds = (performance.now() - started) / 1000;
+    note.textContent = `${bytes(e.loaded)} of ${bytes(e.total)}, ${bytes(e.loaded / Math.max(seconds, 0.001))}/s`;
+  });
+  xhr.addEventListener("error", () => { item.dataset.state = "error"; note.textContent = "the connection failed"; });
+  xhr.addEventListener("load", () => {
+    let answer = {};
+    try { answer = JSON.parse(xhr.responseText); } catch (err) { /* not JSON */ }
+    if (xhr.status === 202 || xhr.status === 200) {
+      bar.value = bar.max;
+      if (answer.duplicate) {
+        item.dataset.state = "duplicate";
+        note.textContent = answer.filename ? `already stored as ${answer.filename}` : "already posted earlier";
+        return;
+      }
+      item.dataset.state = answer.queued ? "queued" : "stored";
+      note.textContent = answer.queued ? `stored as ${answer.filename}, queued` : `stored as ${answer.filename}`;
+      follow(answer.sha256, answer.filename, item, note);
+    } else {
+      item.dataset.state = "refused";
+      note.textContent = `refused by the droplet (${xhr.status}): ${answer.message || answer.error || xhr.statusText}`;
+      note.className = "note error";
+    }
+  });
+  xhr.send(form);
+}
+
+async function follow(sha256, filename, item, note) {
+  const deadline = Date.now() + 10 * 60 * 1000;
+  while (Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 1000));
+    const response = await api(`/files/${sha256}?path=${encodeURIComponent(filename)}`);
+    if (!response.ok) continue;
+    const row = await response.json();
+    if (row.state === "pending" || row.state === "failed-will-retry") {
+      note.textContent = `stored as ${filename}, ${row.state === "pending" ? "waiting for the pass" : "will be retried"}`;
+      continue;
+    }
+    item.dataset.state = row.state;
+    if (row.state === "posted") {
+      note.textContent = `posted: id ${row.app_id || "–"}, ESIID ${row.esiid || "–"}, meter ${row.meter || "–"}`;
+    } else {
+      note.textContent = `${row.state}: ${row.reason}`;
+      note.className = "note error";
+    }
+    refresh();
+    return;
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("sign-in-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut());
+  $("filter").addEventListener("submit", loadFiles);
+  $("confirm-form").addEventListener("submit", confirmed);  // Confirm, or Enter in the field
+  $("confirm-cancel").addEventListener("click", () => $("confirm").close());  // or Escape
+  const zone = $("drop-zone");
+  const input = $("file-input");
+  zone.addEventListener("click", (e) => { if (e.target !== input) input.click(); });
+  zone.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
+  input.addEventListener("change", () => { uploadFiles(input.files); input.value = ""; });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    uploadFiles(e.dataTransfer.files);
+  });
+  if (sessionStorage.getItem(KEY)) {
+    const response = await fetch(API + "/session", { headers: authHeaders(), cache: "no-store" });
+    if (response.ok) return start(await response.json());
+    signOut("Sign in again.");
+  } else {
+    $("secret").focus();
+  }
+});
