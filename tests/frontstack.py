@@ -24,7 +24,9 @@ from serverproc import ServerProcess
 
 from testbed.intelliwatt_double import IntelliWattDouble
 
-CADDY = shutil.which("caddy")
+# scripts/setup unpacks Debian's caddy here (installing the package would start a server).
+_UNPACKED = REPO / ".cache/tools/usr/bin/caddy"
+CADDY = str(_UNPACKED) if _UNPACKED.is_file() else shutil.which("caddy")
 TEMPLATE = REPO / "roles/smt_tls/templates/etc/caddy/Caddyfile.j2"
 TOKEN = "operator-page-token-for-tests-0123456789"
 TICKET_SECRET = "operator-page-ticket-secret-0123456789"
