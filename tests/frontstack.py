@@ -239,17 +239,3 @@ def start_front(root: Path, app_page: Path, foreign_page: Path) -> FrontStack:
             stack.stop()
         raise
     return stack
-
-
-def trusting_home(root: Path, ca: Path) -> Path:
-    """A ``$HOME`` whose NSS database trusts ``ca`` for TLS servers: Chromium on Linux reads
-    ``~/.pki/nssdb``, so the browser trusts the test CA as a real one, not by skipping checks."""
-    home = root / "browser-home"
-    nssdb = home / ".pki" / "nssdb"
-    nssdb.mkdir(parents=True)
-    subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True)
-    subprocess.run(
-        ["certutil", "-A", "-d", f"sql:{nssdb}", "-n", "smt-test-ca", "-t", "C,,", "-i", str(ca)],
-        check=True,
-    )
-    return home

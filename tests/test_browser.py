@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from frontstack import CADDY, TICKET_SECRET, TOKEN, FrontStack, start_front, trusting_home
+from frontstack import CADDY, TICKET_SECRET, TOKEN, FrontStack, start_front
 from helpers import REPO, sha256
 
 from smt_droplet.tickets import mint
+from testbed.browser import CHROMIUM, drop_file, launch, trusting_home, wait_js
 from testbed.smt_csv import default_filename, generate_interval_csv
 
-CHROMIUM = Path("/usr/lib/chromium/chromium")
 ESIID = "10443720000000055"
 APP_ESIID = "10443720000000066"
 ARTIFACTS = Path(os.environ.get("SMT_TEST_ARTIFACTS") or REPO / "test-artifacts") / "browser"
@@ -105,38 +105,11 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontStack]:
 def browser(front: FrontStack) -> Iterator[Browser]:
     home = trusting_home(front.root, front.ca)
     with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
-        )
+        b = launch(p, home)
         try:
             yield b
         finally:
             b.close()
-
-
-def wait_js(page: Page, expression: str, arg: Any = None, timeout: float = 30) -> None:
-    """Poll ``expression`` in the page until it is truthy (``page.wait_for_function`` evaluates a
-    string, which the page's Content-Security-Policy rightly refuses)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(expression, arg):
-        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-        page.wait_for_timeout(50)
-
-
-def drop_file(page: Page, selector: str, name: str, data: bytes) -> None:
-    """Drag a file onto ``selector`` the way a person does: dragover, then drop."""
-    transfer = page.evaluate_handle(
-        """([name, text]) => {
-            const dt = new DataTransfer();
-            dt.items.add(new File([text], name, { type: "text/csv" }));
-            return dt;
-        }""",
-        [name, data.decode("latin-1")],
-    )
-    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
-    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
 def test_operator_signs_in_uploads_and_sees_the_file_posted(
