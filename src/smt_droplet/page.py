@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -327,21 +328,24 @@ def _iso(ts: Any) -> str | None:
     return iso_utc(ts) if isinstance(ts, int | float) else None
 
 
+_SYSTEMD_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC\Z")
+
+
 def next_timer_run(unit: str = "smt-ingest.timer") -> str | None:
-    """When systemd starts the timer's next pass (UTC ISO), or None off systemd."""
+    """When systemd starts the timer's next pass (UTC ISO), or None off systemd.
+
+    ``systemctl show -P`` prints the time in the caller's zone (systemd 252 ignores
+    ``--timestamp=unix`` there): it runs with ``TZ=UTC`` and its answer is parsed as such."""
     try:
         out = subprocess.run(
-            ["systemctl", "show", "-P", "NextElapseUSecRealtime", "--timestamp=unix", unit],
+            ["systemctl", "show", "-P", "NextElapseUSecRealtime", unit],
             capture_output=True,
             text=True,
             timeout=3,
             check=False,
+            env={"TZ": "UTC", "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    if not out.startswith("@"):
-        return None
-    try:
-        return iso_utc(float(out[1:]))
-    except ValueError:
-        return None
+    found = _SYSTEMD_TIME.search(out)
+    return f"{found.group(1)}T{found.group(2)}Z" if found else None

@@ -39,7 +39,7 @@ class Request:
     """One queued ask for an ingest pass."""
 
     id: str
-    kind: str  # "webhook" | "upload" | "cli"
+    kind: str  # "webhook" | "upload" | "cli" | "page" (the operator page: smt_droplet.actions)
     received_at: float
     reason: str | None = None
     esiid: str | None = None
