@@ -209,6 +209,23 @@ def test_operator_signs_in_uploads_and_sees_the_file_posted(
     page.wait_for_selector("li.upload[data-state=refused]:has-text('larger than the cap')")
     assert sorted(os.listdir(front.inbox)) == before
 
+    # The keyboard and the file picker, several files at once.
+    picked = []
+    for seed in (7, 8):
+        esiid = f"104437200000001{seed:02d}"
+        first = date.today() - timedelta(days=10)
+        path = front.root / default_filename(esiid, first, 3)
+        path.write_bytes(generate_interval_csv(esiid, first, 3, seed=seed))
+        picked.append(path)
+    with page.expect_file_chooser() as chooser:
+        page.focus("#drop-zone")
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
+    chooser.value.set_files([str(p) for p in picked])
+    for path in picked:
+        page.wait_for_selector(f"li.upload[data-state=posted]:has-text('{path.name}')")
+    assert {sha256(p) for p in picked} <= {r["sha256"] for r in front.double.posted()}
+
     # Readable at 360 px: nothing wider than the screen but the table's own scroll box.
     page.set_viewport_size({"width": 360, "height": 800})
     wide = page.evaluate(
