@@ -170,12 +170,17 @@ def test_operator_signs_in_uploads_and_sees_the_file_posted(
     page.wait_for_selector("li.upload[data-state=posted]", timeout=90_000)
     drop_to_posted = time.monotonic() - started
     print(f"drop to posted: {drop_to_posted:.1f} s for {len(csv)} bytes (upload at 2 MB/s)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "loopback-timing.json").write_text(
+        json.dumps({"drop_to_posted_seconds": round(drop_to_posted, 2), "bytes": len(csv)})
+    )
     posted = [r for r in front.double.posted() if r["esiid"] == ESIID]
     assert len(posted) == 1 and posted[0]["sha256"] == sha256(csv)
     note = page.text_content("li.upload[data-state=posted] .note") or ""
     assert f"id {posted[0]['id']}" in note and f"ESIID {ESIID}" in note
 
     # The files table and the coverage chart show it (the page redrew itself, no reload).
+    page.wait_for_selector("li.upload[data-shown='1']")
     row = page.locator(f"#files-table tr[data-sha256='{sha256(csv)}']")
     row.wait_for()
     assert row.get_attribute("data-state") == "posted"

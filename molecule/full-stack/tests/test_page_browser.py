@@ -10,6 +10,7 @@ IntelliWatt double inside the container.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import sys
@@ -56,7 +57,13 @@ def test_13_operator_page_drop_to_posted_in_a_real_browser(bed: Bed, tmp_path: P
             page.wait_for_selector("li.upload[data-state=posted]", timeout=120_000)
             seconds = time.monotonic() - started
             print(f"full-stack: drop to posted {seconds:.1f} s for {len(csv)} bytes")
+            page.wait_for_selector("li.upload[data-shown='1']")
+            caption = page.text_content(f"#coverage figure[data-esiid='{esiid}'] figcaption")
+            assert caption == f"{esiid}: 89 complete, 0 with gaps, 1 missing", caption
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            (ARTIFACTS / "full-stack-timing.json").write_text(
+                json.dumps({"drop_to_posted_seconds": round(seconds, 2), "bytes": len(csv)})
+            )
             page.screenshot(path=str(ARTIFACTS / "full-stack-posted.png"), full_page=True)
             browser.close()
     finally:

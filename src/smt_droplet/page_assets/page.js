@@ -129,7 +129,8 @@ async function loadCoverage() {
     box.append(text("p", "No posted data yet."));
     return;
   }
-  for (const c of data.esiids) {
+  const idle = data.esiids.filter((c) => c.complete + c.gaps === 0).map((c) => c.esiid);
+  for (const c of data.esiids.filter((c) => c.complete + c.gaps > 0)) {
     const figure = document.createElement("figure");
     figure.dataset.esiid = c.esiid;
     const svg = await (await api(`/coverage/${c.esiid}.svg`)).blob();
@@ -138,6 +139,9 @@ async function loadCoverage() {
     img.alt = `ESIID ${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing days`;
     figure.append(img, text("figcaption", `${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing`));
     box.append(figure);
+  }
+  if (idle.length) {
+    box.append(text("p", `No data in the last ${data.days} days for ${idle.length} ESIID(s): ${idle.join(", ")}`, "idle"));
   }
 }
 
@@ -163,18 +167,18 @@ function fileRow(row) {
   const dates = s.first_day ? `${s.first_day} – ${s.last_day}` : "–";
   const intervals = s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
   tr.append(
-    text("td", when(row.arrived)),
+    text("td", when(row.arrived), "when"),
     text("td", row.path, "path"),
     text("td", row.source),
     text("td", row.state, `state ${row.needs_operator ? "needs" : ""}`),
     text("td", row.esiid || "–"),
-    text("td", dates),
+    text("td", dates, "dates"),
     text("td", intervals),
     text("td", row.app_id || "–"),
     text("td", row.reason || ""),
   );
   const cell = document.createElement("td");
-  if (row.state !== "posted") {
+  if (row.state !== "posted" && row.state !== "ignored") {
     cell.append(actionButton("Ignore", row, "ignore"));
   }
   if (row.state === "no-esiid") {
@@ -341,7 +345,8 @@ async function follow(sha256, filename, item, note) {
       note.textContent = `${row.state}: ${row.reason}`;
       note.className = "note error";
     }
-    refresh();
+    await refresh();
+    item.dataset.shown = "1";  // the table and the charts show it now
     return;
   }
 }
