@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--env-file", metavar="PATH", help="read settings from this env file")
+    common.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read settings from this env file (default: $SMT_ENV_FILE, if set)",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -142,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        env = load_environment(args.env_file)
+        env = load_environment(args.env_file or os.environ.get("SMT_ENV_FILE") or None)
         protect_logging(secrets_in(env))  # before anything can log a request or a setting
         return int(args.handler(args, env))
     except (ConfigError, EnvFileError) as exc:

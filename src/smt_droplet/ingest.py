@@ -33,6 +33,7 @@ from .outcomes import NEEDS_OPERATOR, FileResult, Outcome, PassResult
 from .passrecord import finish_pass, trigger_of
 from .plan import RunPlan, plan_from_requests
 from .process import PostContext, log_result, process_file
+from .sweep import sweep_stale
 from .sync import run_sync
 
 log = logging.getLogger("smt_droplet.ingest")
@@ -49,6 +50,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
     record = RecordSettings.from_env(env)
     result = PassResult()
     with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
+        sweep_stale(settings.local_dir, queue_dir if use_spool else None)
         requests = _claim(queue_dir) if use_spool else []
         result.requests = len(requests)
         try:
@@ -95,6 +97,8 @@ def post_pending(
         items = scan_inbox(settings.local_dir, settings.include, exclude)
         ledger.prune_hashes({i.rel for i in items})
     result.inbox_files, result.inbox_bytes = len(items), sum(i.size for i in items)
+    if not paths:
+        _warn_if_ledger_lost(ledger, settings.local_dir, items, plan)
     ctx = PostContext(settings, ledger, None, plan or RunPlan(), check, pgp or PgpSettings())
     try:
         _post_files(ctx, items, result, force=force, esiid=esiid, meter=meter)
@@ -109,6 +113,25 @@ def post_pending(
 
 
 # -- the steps ------------------------------------------------------------------------------
+
+
+def _warn_if_ledger_lost(
+    ledger: Ledger, inbox: Path, items: list[InboxFile], plan: RunPlan | None
+) -> None:
+    """A missing ledger beside files that were in the inbox before this pass: say so loudly
+    (every one of them is posted again; the app answers ``duplicate`` for what it has)."""
+    if ledger.state_file.exists() or ledger.sidecar.exists():
+        return
+    earlier = [i for i in items if plan is None or i.rel not in plan.fresh]
+    if earlier:
+        log.warning(
+            "the ledger %s does not exist, but the inbox %s already holds %d file(s) from before "
+            "this pass: all of them are posted again (the app answers duplicate for those it "
+            "has). If the ledger was lost, stop the timer and restore it first",
+            ledger.state_file,
+            inbox,
+            len(earlier),
+        )
 
 
 def _load_key(sftp_settings: SftpSettings | None) -> Any:

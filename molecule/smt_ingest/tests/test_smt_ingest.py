@@ -105,6 +105,23 @@ def test_runtime_package_installed(host):
     assert out.rc == 0, out.stderr
 
 
+def test_smt_droplet_command_on_the_path(host):
+    """`sudo smt-droplet status` runs the package as deploy with the units' settings."""
+    wrapper = host.file("/usr/local/bin/smt-droplet")
+    assert (wrapper.user, wrapper.mode) == ("root", 0o755)
+    out = host.run("cd /root && PATH=/usr/local/bin:/usr/bin:/bin smt-droplet status --json")
+    assert out.rc == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["state_file"] == f"{INBOX}/.posted_sha256"  # the drop-in's STATE_FILE
+    assert report["inbox"] == INBOX
+    assert host.run("/usr/local/bin/smt-droplet --version").stdout.startswith("smt-droplet")
+    refused = host.run(
+        "cd /tmp && setpriv --reuid=65534 --regid=65534 --clear-groups "
+        "/usr/local/bin/smt-droplet status"
+    )
+    assert refused.rc == 2 and "run it with sudo" in refused.stderr
+
+
 def test_timer_and_path_enabled_and_active(host):
     for unit in ("smt-ingest.timer", "smt-ingest.path"):
         service = host.service(unit)
