@@ -81,3 +81,12 @@ def test_a_lost_ledger_beside_earlier_files_is_said_once_per_pass(
     assert len(lost) == 1 and "already holds 1 file(s) from before this pass" in lost[0], lost
     assert str(state) in lost[0]
     assert result.counts() == {"duplicate": 1}  # posted again: the app knew it
+
+
+def test_a_first_upload_on_a_new_box_is_not_a_lost_ledger(env, inbox: Path, smt_csv, caplog):
+    stored = smt_csv.write(inbox, name="20261202T100000_first.csv", esiid=ESIID)
+    spool.ensure_layout(Path(env["SMT_SPOOL_DIR"]))
+    spool.enqueue(Path(env["SMT_SPOOL_DIR"]), "upload", filename=stored.name, reason="upload")
+    with caplog.at_level(logging.WARNING, logger="smt_droplet"):
+        assert run_pass(env, sync=False).counts() == {"posted": 1}
+    assert not [r for r in caplog.records if "does not exist" in r.getMessage()]

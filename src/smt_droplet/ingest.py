@@ -122,7 +122,8 @@ def _warn_if_ledger_lost(
     (every one of them is posted again; the app answers ``duplicate`` for what it has)."""
     if ledger.state_file.exists() or ledger.sidecar.exists():
         return
-    earlier = [i for i in items if plan is None or i.rel not in plan.fresh]
+    arrived_now = set() if plan is None else plan.fresh | set(plan.per_file)  # SFTP, uploads
+    earlier = [i for i in items if i.rel not in arrived_now]
     if earlier:
         log.warning(
             "the ledger %s does not exist, but the inbox %s already holds %d file(s) from before "
