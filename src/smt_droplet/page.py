@@ -48,12 +48,11 @@ from .outcomes import iso_utc
 from .passrecord import verdict
 from .status import file_status, inbox_status
 from .tickets import TicketError, verify
-from .upload_limits import TICKET_HEADER
+from .upload_limits import TICKET_HEADER, TOKEN_HEADER
 
 PREFIX = "/api/v1"
 ASSET_NAMES = ("index.html", "page.js", "page.css", "icon.svg")
 ASSETS = Path(__file__).with_name("page_assets")
-TOKEN_HEADER = "x-smt-upload-token"  # noqa: S105 - a header name
 MAX_ROWS = 1000
 MAX_ACTION_BODY = 4096
 

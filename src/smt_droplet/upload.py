@@ -53,6 +53,7 @@ from .ratelimit import RateLimiter, RateLimitError
 from .servermetrics import new_metrics
 from .upload_limits import (
     TICKET_HEADER,
+    TOKEN_HEADER,
     Reservation,
     UploadLimits,
 )
@@ -60,7 +61,6 @@ from .upload_store import CHUNK, InboxStore, Partial, remove_stale_partials
 
 log = logging.getLogger("smt_droplet.upload")
 
-TOKEN_HEADER = "x-smt-upload-token"  # noqa: S105 - a header name
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the file itself
 MAX_FIELD = 256
 MAX_EXTRA_FIELD = 64 * 1024

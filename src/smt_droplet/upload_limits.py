@@ -30,6 +30,7 @@ from .outcomes import iso_utc
 from .ratelimit import Decision, RateLimiter, RateLimitError
 from .tickets import TicketError, verify
 
+TOKEN_HEADER = "x-smt-upload-token"  # noqa: S105 - a header name
 TICKET_HEADER = "x-smt-upload-ticket"
 CLIENT_WINDOW = 24 * 3600.0
 
