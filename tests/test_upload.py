@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -336,6 +337,32 @@ def test_exactly_the_cap_is_accepted(tmp_path: Path) -> None:
         assert upload(server, data).status_code == 202
         assert upload(server, data + b"x,y\n").status_code == 413
         assert len(box.inbox_names()) == 1
+    finally:
+        server.ensure_stopped()
+
+
+def test_below_the_free_space_floor_uploads_are_507_before_the_body(tmp_path: Path) -> None:
+    """The same SMT_MIN_FREE_MB that stops the pass's downloads (tests/test_lifecycle.py)."""
+    free_mib = shutil.disk_usage(tmp_path).free // 2**20
+    box = Box(tmp_path, SMT_MIN_FREE_MB=str(free_mib + 1024))
+    server = box.start()
+    try:
+        refused = upload(server, csv_bytes(7))
+        assert refused.status_code == 507 and refused.json()["error"] == "insufficient_storage"
+        assert box.inbox_names() == [] and box.queued() == []
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            head = {"Expect": "100-continue", "x-smt-upload-token": TOKEN}
+            sock.sendall(post_head(server.port, 5000, head))
+            assert sock.recv(200).startswith(b"HTTP/1.1 507")  # no body was sent
+    finally:
+        server.ensure_stopped()
+    log = (tmp_path / "server.log").read_text()
+    assert f"SMT_MIN_FREE_MB={free_mib + 1024}" in log
+    (tmp_path / "roomy").mkdir()
+    roomy = Box(tmp_path / "roomy", SMT_MIN_FREE_MB="1")
+    server = roomy.start()
+    try:
+        assert upload(server, csv_bytes(7)).status_code == 202
     finally:
         server.ensure_stopped()
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError
@@ -67,6 +68,18 @@ def _cmd_notify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return run(dict(env), args.what, args.unit)
 
 
+BUILD_FILE = "smt_droplet.build"  # written by the role beside the package: <version>+<sha12>
+
+
+def version_string() -> str:
+    """``0.1.0``, plus the installed artifact's build when the role wrote it."""
+    try:
+        build = (Path(__file__).resolve().parent.parent / BUILD_FILE).read_text().strip()
+    except OSError:
+        return __version__
+    return f"{__version__} (build {build})" if build else __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smt-droplet",
@@ -74,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from the environment; --env-file PATH (e.g. "
         "/etc/default/intelliwatt-smt) is read on top of it, like systemd's EnvironmentFile=.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version_string()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--env-file",

@@ -30,6 +30,9 @@ DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024  # a PGP delivery's zip and its entri
 DEFAULT_PGP_MAX_ENTRIES = 64
 DEFAULT_GPG_TIMEOUT = 120.0
 MAX_PASSPHRASE_BYTES = 4096
+DEFAULT_MIN_FREE_MB = 256
+RETENTION_MODES = ("archive", "delete")
+REMOTE_COMPLETIONS = ("none", "delete", "move")
 
 
 class ConfigError(ValueError):
@@ -333,10 +336,16 @@ class SftpSettings:
     retry_max_delay: float = 30.0
     parallel: int = 4
     io_timeout: float = 60.0  # a connection silent this long mid-transfer counts as dropped
+    min_free_bytes: int = 0  # SMT_MIN_FREE_MB: below this, downloads stop (0: no guard)
+    completion: str = "none"  # SMT_REMOTE_COMPLETION: what happens on SFTP once a file is posted
+    completion_dir: str | None = None  # SMT_REMOTE_ARCHIVE_DIR, for completion "move"
+    state_file: Path | None = None  # the ledger (retired files are not downloaded again)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SftpSettings:
         local_dir = Path(_require(env, "SMT_LOCAL_DIR"))
+        remote_dir = _require(env, "SMT_REMOTE_DIR")
+        completion, completion_dir = _remote_completion(env, remote_dir)
         key = _readable_file("SMT_KEY", _require(env, "SMT_KEY"))
         policy = _choice(env, "SMT_HOST_KEY_POLICY", HOST_KEY_POLICIES)
         known_hosts = _get(env, "SMT_KNOWN_HOSTS")
@@ -350,7 +359,7 @@ class SftpSettings:
             host=_require(env, "SMT_HOST"),
             user=_require(env, "SMT_USER"),
             key=key,
-            remote_dir=_require(env, "SMT_REMOTE_DIR"),
+            remote_dir=remote_dir,
             local_dir=local_dir,
             port=_int(env, "SMT_PORT", 22, minimum=1),
             known_hosts=known_hosts,
@@ -363,6 +372,78 @@ class SftpSettings:
             retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
             parallel=_int(env, "SMT_SFTP_PARALLEL", 4, minimum=1),
             io_timeout=_float(env, "SMT_SFTP_IO_TIMEOUT", 60.0, minimum=0.1),
+            min_free_bytes=min_free_bytes(env),
+            completion=completion,
+            completion_dir=completion_dir,
+            state_file=state_file(env),
+        )
+
+
+def min_free_bytes(env: Mapping[str, str]) -> int:
+    """``SMT_MIN_FREE_MB`` (default 256; 0 turns the guard off): the free space the inbox's file
+    system keeps. Below it a pass downloads nothing more and the upload server answers 507; the
+    same number for both, so neither fills the disk the other needs."""
+    return _int(env, "SMT_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024
+
+
+def _remote_completion(env: Mapping[str, str], remote_dir: str) -> tuple[str, str | None]:
+    """``SMT_REMOTE_COMPLETION`` (``none``, ``delete``, ``move``) and, for ``move``,
+    ``SMT_REMOTE_ARCHIVE_DIR``: an absolute remote directory outside ``SMT_REMOTE_DIR`` (inside
+    it, the next listing would find the moved files again)."""
+    completion = _choice(env, "SMT_REMOTE_COMPLETION", REMOTE_COMPLETIONS)
+    target = _get(env, "SMT_REMOTE_ARCHIVE_DIR")
+    if completion != "move":
+        return completion, None
+    if target is None or not target.startswith("/"):
+        raise ConfigError(
+            "SMT_REMOTE_COMPLETION=move needs SMT_REMOTE_ARCHIVE_DIR, an absolute remote directory"
+        )
+    target = "/" + target.strip("/")
+    base = "/" + remote_dir.strip("/")
+    if target == base or target.startswith(base.rstrip("/") + "/"):
+        raise ConfigError(
+            f"SMT_REMOTE_ARCHIVE_DIR={target} is inside SMT_REMOTE_DIR={remote_dir}: the next "
+            "listing would find the moved files again"
+        )
+    return completion, target
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """What keeps the inbox and the ledger lean over years (:mod:`smt_droplet.retention`).
+
+    ``SMT_RETENTION_DAYS``: posted files older than this leave the inbox (0, the default: they
+    stay). ``SMT_RETENTION_MODE``: ``archive`` (gzip into ``SMT_ARCHIVE_DIR/YYYY-MM/``, default)
+    or ``delete``. ``SMT_LEDGER_COPIES``: dated copies of the ledger kept beside it (0: none).
+    """
+
+    local_dir: Path
+    state_file: Path
+    retention_days: float = 0.0
+    mode: str = "archive"
+    archive_dir: Path | None = None
+    ledger_copies: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LifecycleSettings:
+        local_dir = Path(_require(env, "SMT_LOCAL_DIR"))
+        days = _float(env, "SMT_RETENTION_DAYS", 0.0)
+        if days != days or days == float("inf"):
+            raise ConfigError("SMT_RETENTION_DAYS must be a finite number of days")
+        mode = _choice(env, "SMT_RETENTION_MODE", RETENTION_MODES)
+        archive = Path(_get(env, "SMT_ARCHIVE_DIR") or local_dir.parent / "smt_archive")
+        if mode == "archive" and (archive == local_dir or local_dir in archive.parents):
+            raise ConfigError(
+                f"SMT_ARCHIVE_DIR={archive} is inside SMT_LOCAL_DIR: archives must live "
+                "outside the inbox"
+            )
+        return cls(
+            local_dir=local_dir,
+            state_file=state_file(env),
+            retention_days=days,
+            mode=mode,
+            archive_dir=archive if mode == "archive" else None,
+            ledger_copies=_int(env, "SMT_LEDGER_COPIES", 0),
         )
 
 
@@ -547,6 +628,7 @@ class UploadSettings:
     limits: ConnectionLimits = ConnectionLimits()
     ticket_secrets: tuple[str, ...] = field(default=(), repr=False)  # current, then previous
     client_daily_limit: int = 200  # uploads per client address per day, whoever they are
+    min_free_bytes: int = 0  # SMT_MIN_FREE_MB: below this the server answers 507
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> UploadSettings:
@@ -586,4 +668,5 @@ class UploadSettings:
                 if (secret := _header_secret(name, _get(env, name)))
             ),
             client_daily_limit=_int(env, "SMT_UPLOAD_CLIENT_DAILY_LIMIT", 200, minimum=1),
+            min_free_bytes=min_free_bytes(env),
         )

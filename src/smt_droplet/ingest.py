@@ -2,9 +2,10 @@
 
 A pass (``smt-droplet ingest``, the timer's and the ``.path`` unit's job)::
 
-    lock (lock.py) → claim spool requests (spool.py) → plan (plan.py) → sync (sync.py) →
-    for each inbox file: process (process.py) → finish spool requests → the pass's record
-    (passrecord.py: last result, metrics) → exit code
+    lock (lock.py) → sweep leftovers (sweep.py) → claim spool requests (spool.py) → plan
+    (plan.py) → sync (sync.py) → for each inbox file: process (process.py) → remote completion
+    (remote_completion.py) → retention and ledger copies (retention.py) → finish spool requests
+    → the pass's record (passrecord.py: last result, metrics) → exit code
 
 Exit codes are :class:`~smt_droplet.outcomes.ExitCode` (0 done, 1 retry, 2 configuration).
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import actions, progress, spool
 from .config import (
+    LifecycleSettings,
     PgpSettings,
     PostSettings,
     RecordSettings,
@@ -27,12 +29,14 @@ from .config import (
     spool_dir,
 )
 from .inbox import InboxFile, inbox_file, scan_inbox
-from .ledger import Ledger, LedgerError
+from .ledger import Ledger, LedgerError, read_retired
 from .lock import PassLock, lock_path_for
 from .outcomes import NEEDS_OPERATOR, FileResult, Outcome, PassResult
 from .passrecord import finish_pass, trigger_of
 from .plan import RunPlan, plan_from_requests
 from .process import PostContext, log_result, process_file
+from .remote_completion import complete_posted
+from .retention import run_housekeeping
 from .sweep import sweep_stale
 from .sync import run_sync
 
@@ -48,6 +52,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
     check_state_dir(settings.state_file)
     queue_dir = spool_dir(env)
     record = RecordSettings.from_env(env)
+    lifecycle = LifecycleSettings.from_env(env)
     result = PassResult()
     with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
         sweep_stale(settings.local_dir, queue_dir if use_spool else None)
@@ -64,6 +69,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
                     plan.fresh = {f.rel for f in result.sync.downloaded}
             if not result.fatal:
                 post_pending(settings, plan=plan, result=result, pgp=pgp)
+                _after_posts(sftp_settings, pkey, lifecycle, result)
         finally:
             log.info("%s", result.summary_line())
             _finish(queue_dir, requests)
@@ -173,11 +179,33 @@ def _sync(sftp_settings: SftpSettings, pkey: Any, result: PassResult) -> None:
     from .sftp_mirror import HostKeyError
 
     try:
-        result.sync = run_sync(sftp_settings, pkey=pkey)
+        retired = read_retired(sftp_settings.state_file) if sftp_settings.state_file else {}
+        result.sync = run_sync(sftp_settings, pkey=pkey, retired=retired)
+        result.sync.retired_before = set(retired)
         result.sync_error = result.sync.error
     except HostKeyError as exc:
         result.fatal = str(exc)
         log.error("sync refused: %s", exc)
+
+
+def _after_posts(
+    sftp_settings: SftpSettings | None,
+    pkey: Any,
+    lifecycle: LifecycleSettings,
+    result: PassResult,
+) -> None:
+    """What follows recorded posts: remote completion, then retention and the ledger's copy."""
+    mirrored = result.sync
+    if sftp_settings is not None and mirrored is not None:
+        done = complete_posted(sftp_settings, pkey, mirrored, lifecycle.state_file)
+        result.remote_completed = len(done.completed)
+        result.remote_completion_failed = len(done.failed)
+    listed = None
+    if mirrored is not None and mirrored.listed and not mirrored.error:
+        names = {f.rel for f in mirrored.files}
+        if mirrored.retired_before - names:  # retired paths SFTP no longer lists
+            listed = names
+    result.retired = len(run_housekeeping(lifecycle, listed=listed).retired)
 
 
 def _finish(queue_dir: Path, requests: list[spool.Request]) -> None:

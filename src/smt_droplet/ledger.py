@@ -25,6 +25,14 @@ Two files, two jobs:
     and the file's data ``summary`` (:mod:`smt_droplet.csvdata`) when they are known.
     A PGP delivery (``.asc``) adds ``via: "pgp"``, the zip ``member`` that was posted and its
     ``csv_sha256`` to its ``posted``/``outcomes`` record (``smt-droplet status`` shows them).
+``<STATE_FILE>.retired.json``
+    Files retention took out of the inbox (:mod:`smt_droplet.retention`): per inbox path
+    ``[size, mtime (whole seconds), sha256, when, archive path or null]``, so the next sync does
+    not download the same remote file again (the mirror reads only this small file); an entry
+    is dropped once SFTP no longer lists its path (remote completion, or SMT's own clean-up).
+    Written atomically like the sidecar; losing it costs one download and one skipped
+    ``already posted`` per retired file still on SFTP.
+
     Losing the sidecar costs a re-hash and, at worst, one more rejected POST; never a double
     ledger entry or a lost one.
 """
@@ -44,6 +52,7 @@ from . import durable
 
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 SIDECAR_SUFFIX = ".json"
+RETIRED_SUFFIX = ".retired.json"
 SIDECAR_VERSION = 1
 
 
@@ -165,8 +174,10 @@ class Ledger:
     hashes: dict[str, list[Any]] = field(default_factory=dict)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     apps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retired: dict[str, list[Any]] = field(default_factory=dict)
     save_interval: float = 5.0
     _dirty: bool = False
+    _retired_dirty: bool = False
     _last_save: float = 0.0
 
     @property
@@ -187,6 +198,7 @@ class Ledger:
             k: v for k, v in _section(raw, "outcomes").items() if isinstance(v, dict)
         }
         ledger.apps = {k: v for k, v in _section(raw, "posted").items() if isinstance(v, dict)}
+        ledger.retired = read_retired(ledger.state_file)
         ledger._last_save = time.monotonic()
         return ledger
 
@@ -239,6 +251,27 @@ class Ledger:
         for rel in gone:
             del self.hashes[rel]
         self._dirty = self._dirty or bool(gone)
+
+    # -- retired files (retention) -------------------------------------------------------------
+    def retire(self, rel: str, size: int, mtime: int, digest: str, archive: str | None) -> None:
+        """``rel`` left the inbox (posted as ``digest``); ``archive``: where its copy is."""
+        self.retired[rel] = [size, mtime, digest, round(time.time(), 3), archive]
+        self._retired_dirty = True
+
+    def retired_digest(self, rel: str, size: int, mtime: int) -> str | None:
+        """The digest of a retired file when the remote one is still the same (size, mtime)."""
+        entry = self.retired.get(rel)
+        if entry and entry[0] == size and entry[1] == mtime:
+            return str(entry[2])
+        return None
+
+    def prune_retired(self, listed: set[str]) -> int:
+        """Forget retired paths SFTP no longer lists (a complete listing only)."""
+        gone = [rel for rel in self.retired if rel not in listed]
+        for rel in gone:
+            del self.retired[rel]
+        self._retired_dirty = self._retired_dirty or bool(gone)
+        return len(gone)
 
     # -- outcomes ---------------------------------------------------------------------------
     def is_posted(self, digest: str) -> bool:
@@ -306,6 +339,13 @@ class Ledger:
             self.save()
 
     def save(self) -> None:
+        if self._retired_dirty:
+            path = retired_path(self.state_file)
+            try:
+                durable.write_json_atomic(path, {"version": 1, "retired": self.retired})
+            except OSError as exc:
+                raise LedgerError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            self._retired_dirty = False
         if not self._dirty:
             return
         payload = {
@@ -325,6 +365,21 @@ class Ledger:
 def sidecar_path(state_file: Path) -> Path:
     state_file = Path(state_file)
     return state_file.with_name(state_file.name + SIDECAR_SUFFIX)
+
+
+def retired_path(state_file: Path) -> Path:
+    state_file = Path(state_file)
+    return state_file.with_name(state_file.name + RETIRED_SUFFIX)
+
+
+def read_retired(state_file: Path) -> dict[str, list[Any]]:
+    """The retired files (see the module docstring); missing or corrupt: none."""
+    raw = _read_sidecar(retired_path(state_file))
+    return {
+        k: v
+        for k, v in _section(raw, "retired").items()
+        if isinstance(v, list) and len(v) == 5 and isinstance(v[2], str)
+    }
 
 
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -116,6 +116,26 @@ def write_pass_metrics(directory: Path, record: Mapping[str, Any]) -> Path | Non
         "Posted CSVs of the last pass in a layout the summary does not know.",
         record.get("files_layout_unknown"),
     )
+    gauge(
+        "smt_ingest_last_pass_files_skipped_low_space",
+        "Files the last pass did not download: the inbox was below SMT_MIN_FREE_MB.",
+        record.get("skipped_no_space"),
+    )
+    gauge(
+        "smt_ingest_last_pass_files_retired",
+        "Posted files the last pass took out of the inbox (retention).",
+        record.get("retired"),
+    )
+    gauge(
+        "smt_ingest_last_pass_remote_completed",
+        "Posted files the last pass deleted or moved on SFTP.",
+        record.get("remote_completed"),
+    )
+    gauge(
+        "smt_ingest_last_pass_remote_completion_failed",
+        "Posted files whose remote completion failed in the last pass (tried again).",
+        record.get("remote_completion_failed"),
+    )
     counts = record.get("counts") or {}
     files = Gauge(
         "smt_ingest_last_pass_files",

@@ -135,6 +135,9 @@ class PassResult:
     inbox_files: int = 0  # files the pass looked at (the whole inbox unless given paths)
     inbox_bytes: int = 0
     inbox_needs_operator: int | None = None  # the whole inbox's, from the ledger
+    retired: int = 0  # files retention took out of the inbox
+    remote_completed: int = 0  # files deleted or moved on SFTP after their post
+    remote_completion_failed: int = 0
 
     def counts(self) -> dict[str, int]:
         return {str(k): v for k, v in Counter(f.outcome for f in self.files).items()}
@@ -202,4 +205,10 @@ class PassResult:
             "fatal": self.fatal,
             "ledger_error": self.ledger_error,
             "requests": self.requests,
+            "retired": self.retired,
+            "remote_completed": self.remote_completed,
+            "remote_completion_failed": self.remote_completion_failed,
+            "skipped_no_space": (
+                self.sync.count("skipped-no-space") if self.sync is not None else 0
+            ),
         }

@@ -9,7 +9,9 @@
 * **What**: files in ``SMT_REMOTE_DIR`` and its sub-directories down to ``max_depth`` (2: the
   directory itself and one level below; sub-directories become local sub-directories), whose
   base name matches one of ``SMT_INCLUDE`` (case-insensitive globs).
-* **When**: a file already local with the same size and mtime is left alone; a file younger than
+* **When**: a file already local with the same size and mtime is left alone, and so is one that
+  retention took out of the inbox (``retired``, from the ledger) while SMT still lists it
+  unchanged; a file younger than
   ``SMT_MIN_AGE`` seconds is skipped (SMT may still be writing it); a file whose size or mtime
   changes while it is read is discarded and retried next pass.
 * **How**: into ``.<name>.<random>.partial`` in the destination directory (dot files are never
@@ -26,6 +28,9 @@
   were lost with it (their partial files are deleted first). Local errors (a full inbox) are not
   retried within the pass: the file is ``failed``, its partial file removed, and the next pass
   tries again.
+* **Free space** (``SMT_MIN_FREE_MB``): files are downloaded only while the inbox's file system
+  keeps that much free after them; the rest are ``skipped-no-space`` (one line says why) and
+  ``MirrorResult.error`` makes the pass exit 1, so the alerts hear of it.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ import logging
 import os
 import posixpath
 import queue
+import shutil
 import socket
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +80,8 @@ WOULD_DOWNLOAD = "would-download"
 SKIPPED_YOUNG = "skipped-young"
 SKIPPED_GROWING = "skipped-growing"
 FAILED = "failed"
+RETIRED = "retired"  # taken out of the inbox by retention, unchanged on SFTP
+SKIPPED_NO_SPACE = "skipped-no-space"
 
 
 class HostKeyError(Exception):
@@ -104,6 +112,9 @@ class MirrorResult:
 
     files: list[MirroredFile] = field(default_factory=list)
     error: str | None = None
+    listed: bool = False  # the remote listing completed (retired entries may be pruned)
+    space_note: str | None = None  # why downloads stopped (the free-space guard)
+    retired_before: set[str] = field(default_factory=set)  # the ledger's retired paths
 
     @property
     def downloaded(self) -> list[MirroredFile]:
@@ -635,8 +646,12 @@ def mirror(
     pkey: paramiko.PKey | None = None,
     now: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
+    retired: Mapping[str, list[Any]] | None = None,
 ) -> MirrorResult:
     """Mirror the remote drop into ``settings.local_dir``; see the module docstring.
+
+    ``retired``: the ledger's retired files (``Ledger.retired``), not downloaded again while
+    SFTP lists them unchanged.
 
     Raises :class:`HostKeyError` (the pass must stop) and :class:`ConfigError` (bad key); any
     other failure is in the result's ``error`` / per-file ``status``.
@@ -652,7 +667,11 @@ def mirror(
         try:
             with _connected(settings, pkey) as transport:
                 if todo is None:
-                    todo = _plan(settings, _list_remote(transport, settings), result, now())
+                    listing = _list_remote(transport, settings)
+                    result.listed = True
+                    todo = _plan(settings, listing, result, now(), retired or {})
+                    if not dry_run:
+                        todo = _within_free_space(settings, todo, result)
                     if dry_run or not todo:
                         return result
                     _remove_stale_partials(settings.local_dir, settings.max_depth)
@@ -675,6 +694,36 @@ def mirror(
     assert todo is not None  # the loop leaves only after a listing (or returns)
     _note_failed_downloads(result, todo)
     return result
+
+
+def _within_free_space(
+    settings: SftpSettings, todo: list[MirroredFile], result: MirrorResult
+) -> list[MirroredFile]:
+    """The files that fit above ``SMT_MIN_FREE_MB``, in listing order; the rest wait."""
+    if not settings.min_free_bytes:
+        return todo
+    try:
+        free = shutil.disk_usage(settings.local_dir).free
+    except OSError:
+        return todo  # the download itself will say what is wrong with the inbox
+    budget = free - settings.min_free_bytes
+    fits: list[MirroredFile] = []
+    for item in todo:
+        if item.size <= budget:
+            budget -= item.size
+            fits.append(item)
+        else:
+            item.status, item.reason = SKIPPED_NO_SPACE, "below SMT_MIN_FREE_MB"
+    waiting = [f for f in todo if f.status == SKIPPED_NO_SPACE]
+    if waiting:
+        result.space_note = (
+            f"downloads stopped: {free / 2**20:.0f} MiB free on {settings.local_dir}, "
+            f"SMT_MIN_FREE_MB={settings.min_free_bytes // 2**20}; {len(waiting)} file(s) of "
+            f"{sum(f.size for f in waiting) / 2**20:.1f} MiB wait for space, first {waiting[0].rel}"
+        )
+        log.error("%s", result.space_note)
+        result.error = result.space_note  # the pass exits 1 (downloads failed would replace it)
+    return fits
 
 
 @contextlib.contextmanager
@@ -747,6 +796,7 @@ def _plan(
     listing: list[tuple[str, paramiko.SFTPAttributes]],
     result: MirrorResult,
     now: float,
+    retired: Mapping[str, list[Any]],
 ) -> list[MirroredFile]:
     """Record every listed file in ``result``; return those to download."""
     todo: list[MirroredFile] = []
@@ -768,7 +818,10 @@ def _plan(
             if st.st_size == size and int(st.st_mtime) == mtime:
                 continue
         except FileNotFoundError:
-            pass
+            entry = retired.get(rel)
+            if entry and entry[0] == size and entry[1] == mtime:
+                item.status = RETIRED
+                continue
         if settings.min_age and mtime > cutoff:
             item.status = SKIPPED_YOUNG
             item.reason = f"younger than SMT_MIN_AGE={settings.min_age:g}s"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from .config import SftpSettings
@@ -11,11 +12,24 @@ from .config import SftpSettings
 log = logging.getLogger("smt_droplet.ingest")
 
 
-def run_sync(settings: SftpSettings, *, dry_run: bool = False, pkey: Any = None) -> Any:
-    """Mirror once and log per file; returns the ``sftp_mirror.MirrorResult``."""
+def run_sync(
+    settings: SftpSettings,
+    *,
+    dry_run: bool = False,
+    pkey: Any = None,
+    retired: Mapping[str, list[Any]] | None = None,
+) -> Any:
+    """Mirror once and log per file; returns the ``sftp_mirror.MirrorResult``.
+
+    ``retired``: the ledger's files that retention took out of the inbox (read from
+    ``settings.state_file`` when not given), so they are not downloaded again."""
     from .sftp_mirror import mirror  # paramiko is imported only when a sync runs
 
-    mirrored = mirror(settings, dry_run=dry_run, pkey=pkey)
+    if retired is None and settings.state_file is not None:
+        from .ledger import read_retired
+
+        retired = read_retired(settings.state_file)
+    mirrored = mirror(settings, dry_run=dry_run, pkey=pkey, retired=retired)
     log_sync(mirrored)
     return mirrored
 
@@ -24,7 +38,7 @@ def log_sync(mirrored: Any) -> None:
     for f in mirrored.files:
         if f.status == "downloaded":
             log.info("downloaded %s size=%d", f.rel, f.size)
-        elif f.status in ("skipped-young", "skipped-growing"):
+        elif f.status in ("skipped-young", "skipped-growing", "skipped-no-space"):
             log.info("%s %s %s", f.status, f.rel, f.reason)
         elif f.status == "failed":
             log.warning("download-failed %s %s", f.rel, f.reason)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,28 @@ class UploadService:
                 415,
                 "expected_multipart",
                 "send multipart/form-data with the CSV in the field 'file'",
+            )
+        return self._space_check(request)
+
+    def _space_check(self, request: web.Request) -> web.Response | None:
+        """507 before the body when the upload would leave less than ``SMT_MIN_FREE_MB`` free
+        (the same threshold that stops the pass's downloads)."""
+        floor = self.settings.min_free_bytes
+        if not floor:
+            return None
+        try:
+            free = shutil.disk_usage(self.settings.inbox).free
+        except OSError:
+            return None  # storing will fail and say why
+        if free - (request.content_length or 0) < floor:
+            log.error(
+                "upload refused: %d MiB free on %s, SMT_MIN_FREE_MB=%d",
+                free // 2**20,
+                self.settings.inbox,
+                floor // 2**20,
+            )
+            return json_error(
+                request, 507, "insufficient_storage", "the droplet is short of disk space"
             )
         return None
 

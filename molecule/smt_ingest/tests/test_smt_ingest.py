@@ -74,6 +74,10 @@ def test_env_file(host):
         "SMT_MAX_BODY_BYTES",
         "SMT_HTTP_TIMEOUT",
         "SMT_SPOOL_DIR",
+        "SMT_MIN_FREE_MB",
+        "SMT_RETENTION_DAYS",
+        "SMT_LEDGER_COPIES",
+        "SMT_REMOTE_COMPLETION",
     ):
         assert re.search(rf"^{name}=\S", content, re.M), name
     # STATE_FILE belongs to the drop-in only: EnvironmentFile= would override Environment=.
@@ -103,6 +107,9 @@ def test_runtime_package_installed(host):
     env = "PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/smt-droplet"
     out = host.run(f"{env} /usr/bin/python3 -m smt_droplet --version")
     assert out.rc == 0, out.stderr
+    build = host.file("/opt/smt-droplet/smt_droplet.build").content_string.strip()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+[0-9a-f]{12}", build), build
+    assert out.stdout.strip().endswith(f"(build {build})")  # what the play printed as "new"
 
 
 def test_smt_droplet_command_on_the_path(host):
