@@ -1,0 +1,92 @@
+"""Last (the file name sorts last): ``playbooks/retire.yml`` on the converged droplet, then
+``site.yml`` again — converge → retire → converge ends ``changed=0``, and the inbox and the
+ledger survive the round trip."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO, Bed
+
+GONE = (
+    "/etc/systemd/system/smt-ingest.service",
+    "/etc/systemd/system/smt-ingest.timer",
+    "/etc/systemd/system/smt-ingest.path",
+    "/etc/systemd/system/smt-upload-server.service",
+    "/etc/systemd/system/smt-webhook.service",
+    "/etc/default/intelliwatt-smt",
+    "/etc/default/smt-upload-server",
+    "/etc/default/smt-webhook",
+    "/etc/caddy/Caddyfile",
+    "/opt/smt-droplet",
+    "/usr/local/bin/smt-droplet",
+    "/var/spool/smt-ingest",
+    "/home/deploy/.ssh/id_smt_sftp",
+)
+INBOX = "/home/deploy/smt_inbox"
+LEDGER = f"{INBOX}/.posted_sha256"
+
+
+def playbook(inventory: Path, host: str, name: str, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    cmd = ["ansible-playbook", "-i", str(inventory), "--limit", host, *extra]
+    return subprocess.run(
+        [*cmd, str(REPO / "playbooks" / name)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def changed(proc: subprocess.CompletedProcess) -> int:
+    counts = [int(n) for n in re.findall(r"\bchanged=(\d+)", proc.stdout)]
+    assert counts, proc.stdout[-3000:]
+    return sum(counts)
+
+
+def test_retire_then_converge_again(bed: Bed, host: Any, inventory_dir: Path) -> None:
+    name = bed.host.backend.name
+    ledger_before = bed.run(f"cat {LEDGER}").stdout
+    inbox_before = sorted(bed.run(f"find {INBOX} -type f -name '*.csv'").stdout.split())
+    assert ledger_before.strip() and inbox_before  # the earlier checks posted files
+
+    checked = playbook(inventory_dir, name, "retire.yml", "--check", "--diff")
+    assert checked.returncode == 0, checked.stdout[-4000:]
+    assert changed(checked) > 0 and host.file("/opt/smt-droplet").exists  # nothing touched
+
+    retired = playbook(inventory_dir, name, "retire.yml")
+    assert retired.returncode == 0, retired.stdout[-4000:] + retired.stderr[-2000:]
+    for path in GONE:
+        assert not host.file(path).exists, path
+    for unit in ("smt-ingest.timer", "smt-webhook.service", "smt-upload-server.service", "caddy"):
+        assert not host.service(unit).is_running, unit
+    listening = bed.run("ss -Htln").stdout
+    assert not re.search(r":(443|8080|8787)\s", listening), listening
+    ufw = bed.run("ufw status").stdout
+    assert not re.search(r"^(443|8080|8787)/tcp", ufw, re.M), ufw
+    assert re.search(r"^22/tcp", ufw, re.M), ufw  # SSH stays open
+    assert bed.run(f"cat {LEDGER}").stdout == ledger_before  # kept, unchanged
+    assert sorted(bed.run(f"find {INBOX} -type f -name '*.csv'").stdout.split()) == inbox_before
+    assert not host.user("smt-upload").exists and not host.user("smt-webhook").exists
+    assert host.user("deploy").exists
+
+    again = playbook(inventory_dir, name, "retire.yml")
+    assert again.returncode == 0 and changed(again) == 0, again.stdout[-4000:]
+
+    converged = playbook(inventory_dir, name, "site.yml")
+    assert converged.returncode == 0, converged.stdout[-4000:]
+    idempotent = playbook(inventory_dir, name, "site.yml")
+    assert idempotent.returncode == 0 and changed(idempotent) == 0, idempotent.stdout[-6000:]
+    deadline = time.monotonic() + 60
+    while bed.http("GET", "https://localhost/health").status != 200:
+        assert time.monotonic() < deadline, "the droplet did not come back healthy"
+        time.sleep(1)
+    assert bed.run(f"cat {LEDGER}").stdout == ledger_before
