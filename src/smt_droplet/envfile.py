@@ -32,8 +32,13 @@ class EnvFileError(ValueError):
     """The environment file cannot be read or has a line that is not ``KEY=value``."""
 
 
-def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
-    """Parse the text of an environment file into a dict (later keys win)."""
+def parse_env_text(
+    text: str, source: str = "<env>", *, shell_export: bool = False
+) -> dict[str, str]:
+    """Parse the text of an environment file into a dict (later keys win).
+
+    ``shell_export``: also take ``export KEY=value`` lines (a hand-written file the seed's
+    shell script sourced; only the takeover reads those)."""
     result: dict[str, str] = {}
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     i = 0
@@ -48,6 +53,8 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue
+        if shell_export and stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
         key, sep, value = stripped.partition("=")
         key = key.strip()
         if not sep or not _KEY.match(key):
@@ -87,7 +94,7 @@ def _unquote(value: str, where: str) -> str:
     return value
 
 
-def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+def read_env_file(path: str | os.PathLike[str], *, shell_export: bool = False) -> dict[str, str]:
     """Read and parse an environment file; errors name the file and the cause."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -100,7 +107,7 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         raise EnvFileError(
             f"environment file {os.fspath(path)} is not UTF-8 text (byte {exc.start})"
         ) from None
-    return parse_env_text(text, os.fspath(path))
+    return parse_env_text(text, os.fspath(path), shell_export=shell_export)
 
 
 def read_credentials(directory: str | os.PathLike[str] | None) -> dict[str, str]:

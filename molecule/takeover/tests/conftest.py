@@ -1,0 +1,1 @@
+../../full-stack/tests/conftest.py
