@@ -30,7 +30,7 @@ DEFAULT_MAX_TOTAL_BYTES = 64 * 1024 * 1024  # a PGP delivery's zip and its entri
 DEFAULT_PGP_MAX_ENTRIES = 64
 DEFAULT_GPG_TIMEOUT = 120.0
 MAX_PASSPHRASE_BYTES = 4096
-DEFAULT_MIN_FREE_MB = 256
+DEFAULT_MIN_FREE_MB = 0  # off unless set; the role sets 256 (smt_ingest_min_free_mb)
 RETENTION_MODES = ("archive", "delete")
 REMOTE_COMPLETIONS = ("none", "delete", "move")
 
@@ -380,8 +380,8 @@ class SftpSettings:
 
 
 def min_free_bytes(env: Mapping[str, str]) -> int:
-    """``SMT_MIN_FREE_MB`` (default 256; 0 turns the guard off): the free space the inbox's file
-    system keeps. Below it a pass downloads nothing more and the upload server answers 507; the
+    """``SMT_MIN_FREE_MB`` (unset or 0: no guard; the role sets 256): the free space the inbox's
+    file system keeps. Below it a pass downloads nothing more and the upload server answers 507; the
     same number for both, so neither fills the disk the other needs."""
     return _int(env, "SMT_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024
 
