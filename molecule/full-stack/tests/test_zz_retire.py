@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO, Bed
 
 GONE = (
@@ -52,6 +53,10 @@ def changed(proc: subprocess.CompletedProcess) -> int:
     return sum(counts)
 
 
+@pytest.mark.skipif(
+    os.environ.get("SMT_RELEASE", "bookworm") != "bookworm",
+    reason="the retire cycle (five playbook runs) runs on bookworm only, to keep the suite short",
+)
 def test_retire_then_converge_again(bed: Bed, host: Any, inventory_dir: Path) -> None:
     name = bed.host.backend.name
     ledger_before = bed.run(f"cat {LEDGER}").stdout
@@ -85,8 +90,12 @@ def test_retire_then_converge_again(bed: Bed, host: Any, inventory_dir: Path) ->
     assert converged.returncode == 0, converged.stdout[-4000:]
     idempotent = playbook(inventory_dir, name, "site.yml")
     assert idempotent.returncode == 0 and changed(idempotent) == 0, idempotent.stdout[-6000:]
+    health = (
+        "curl -s -o /dev/null -w '%{http_code}' --cacert /etc/smt-droplet/tls-ca.crt "
+        "https://localhost/health"
+    )
     deadline = time.monotonic() + 60
-    while bed.http("GET", "https://localhost/health").status != 200:
+    while host.run(health).stdout.strip() != "200":
         assert time.monotonic() < deadline, "the droplet did not come back healthy"
         time.sleep(1)
     assert bed.run(f"cat {LEDGER}").stdout == ledger_before
