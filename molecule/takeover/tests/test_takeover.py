@@ -4,10 +4,13 @@ pass posts exactly the files the seed's ledger lacks, once each, with their ESII
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
-from conftest import Bed
+from conftest import REPO, Bed
 
 INBOX = "/home/deploy/smt_inbox"
 LEDGER = f"{INBOX}/.posted_sha256"
@@ -98,3 +101,52 @@ def test_nothing_of_the_seed_is_enabled_or_running(host: Any) -> None:
     assert host.service("smt-ingest.timer").is_enabled
     assert host.service("smt-ingest.path").is_enabled
     assert host.run("pgrep -f fetch_and_post").rc == 1
+
+
+def _migrate(inventory: Path, host: str, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            "--limit",
+            host,
+            *extra,
+            str(REPO / "playbooks" / "migrate.yml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def test_a_disagreeing_inventory_stops_with_a_diff_or_adopts_the_box(
+    bed: Bed, inventory_dir: Path
+) -> None:
+    """The inventory says another SFTP user than the box runs: migrate.yml stops before changing
+    anything and names the setting; with smt_migrate_adopt the box's value wins (a --check run
+    then changes nothing)."""
+    name = bed.host.backend.name
+    host_vars = inventory_dir / "host_vars"
+    host_vars.mkdir(exist_ok=True)
+    override = host_vars / f"{name}.yml"
+    override.write_text("smt_ingest_sftp_user: someone-else\n")
+    try:
+        refused = _migrate(inventory_dir, name)
+        assert refused.returncode != 0
+        assert "SMT_USER (box: smtpeer," in refused.stdout and "someone-else" in refused.stdout
+        assert "smt_migrate_adopt=true" in refused.stdout
+        assert "changed=0" in refused.stdout  # it stopped before changing anything
+        adopted = _migrate(inventory_dir, name, "--check", "-e", "smt_migrate_adopt=true")
+        assert adopted.returncode == 0, adopted.stdout[-4000:]
+        assert sum(int(n) for n in re.findall(r"\bchanged=(\d+)", adopted.stdout)) == 0, (
+            adopted.stdout[-4000:]
+        )
+    finally:
+        override.unlink()
+    env_file = bed.run("cat /etc/default/intelliwatt-smt").stdout
+    assert "SMT_USER=smtpeer" in env_file
