@@ -23,7 +23,15 @@ options:
     type: path
     default: /etc/default/intelliwatt-smt
   expected:
-    description: Setting name to the value the inventory gives (empty values are not compared).
+    description:
+      - Setting name to the value the inventory gives (empty values are not compared). Shown in
+        the task's result; put secrets in O(expected_secrets).
+    type: dict
+    default: {}
+  expected_secrets:
+    description:
+      - Like O(expected), for the settings that hold secrets (C(ADMIN_TOKEN)); never logged, and
+        a difference is named, not shown.
     type: dict
     default: {}
   ports:
@@ -89,7 +97,8 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "env_file": {"type": "path", "default": "/etc/default/intelliwatt-smt"},
-            "expected": {"type": "dict", "default": {}, "no_log": True},
+            "expected": {"type": "dict", "default": {}},
+            "expected_secrets": {"type": "dict", "default": {}, "no_log": True},
             "ports": {"type": "list", "elements": "int", "default": [8080, 8787]},
             "adopt": {"type": "bool", "default": False},
         },
@@ -104,7 +113,8 @@ def main() -> None:
         active = module.run_command([systemctl, "is-active", unit])[0] == 0
         return enabled, active
 
-    expected = {k: "" if v is None else str(v) for k, v in module.params["expected"].items()}
+    given = {**module.params["expected"], **module.params["expected_secrets"]}
+    expected = {k: "" if v is None else str(v) for k, v in given.items()}
     found, seed = survey(
         env_file=Path(module.params["env_file"]),
         expected=expected,
