@@ -64,7 +64,7 @@ ESIID = "10443720000000099"
 MB = 1_000_000
 TOKEN = "b" * 64
 SECRET = "s3cret-" + "w" * 32
-ITEMS = ("1", "2", "3", "4", "5", "6", "7")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 class BenchError(RuntimeError):
@@ -1069,6 +1069,73 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
     )
 
 
+# -- 8: posting throughput inside one pass ----------------------------------------------------
+
+
+def bench_pass_post(r: Runner, res: ItemResult) -> None:
+    """200 small files already in the inbox, posted by one ``ingest --no-sync`` pass (one
+    interpreter, one HTTP session) vs the old way: a shell loop running base64 | jq | curl per
+    file. Each run starts from an empty ledger; the double answers every post."""
+    double = r.web_double()
+    count = 40 if r.quick else 200
+    inbox = r.work / "pp-inbox"
+    total = write_many(inbox, count, (30_000, 30_000), seed=8)
+    state = r.work / "pp-state"
+    env_file = r.ingest_env(
+        "pp",
+        r.sftp_peer().root / "pp-unused",
+        inbox,
+        STATE_FILE=str(state / "posted_sha256"),
+    )
+    spool = r.work / "spool-pp"
+    reset = f"rm -rf {state} {spool} && mkdir {state}"
+    legacy_env = dict(r.env, INTELLIWATT_BASE_URL=double.url, ADMIN_TOKEN=TOKEN)
+    loop = f'for f in {inbox}/*.csv; do sh {BENCH / "legacy_post.sh"} "$f" {ESIID} || exit 1; done'
+    ours = f"{CLI} ingest --no-sync --env-file {env_file}"
+    runs = 2 if r.quick else 3
+    before = len(double.received())
+    stats = r.hyperfine(
+        "pass-post",
+        {"smt-droplet ingest --no-sync": ours, "shell loop of curl": loop},
+        runs=runs,
+        prepare=reset,
+        env=legacy_env,
+    )
+    posted = len(double.received()) - before
+    if posted != 2 * runs * count:
+        raise BenchError(f"pass-post: the double received {posted}, expected {2 * runs * count}")
+    r.run(reset)
+    wall_ours, rss_ours, _ = r.time_v(["sh", "-c", ours], env=legacy_env)
+    wall_loop, rss_loop, _ = r.time_v(["sh", "-c", loop], env=legacy_env)
+    t_ours = stats["smt-droplet ingest --no-sync"]["mean"]
+    t_loop = stats["shell loop of curl"]["mean"]
+    ratio = t_loop / t_ours
+    res.raw = {
+        "files": count,
+        "bytes": total,
+        "hyperfine": stats,
+        "peak_rss_kb": {"ours": rss_ours, "loop": rss_loop},
+        "time_v_wall_s": {"ours": wall_ours, "loop": wall_loop},
+    }
+    res.rows.append(
+        Row(
+            item=res.item,
+            metric=f"post {count} x {total / count / 1000:.0f} KB from the inbox, one pass "
+            f"(mean of {runs})",
+            ours=f"{count / t_ours:.0f} files/s ({t_ours:.2f} s), "
+            f"peak RSS {rss_ours / 1024:.1f} MB",
+            baseline=f"base64 | jq | curl per file: {count / t_loop:.0f} files/s "
+            f"({t_loop:.2f} s), peak RSS {rss_loop / 1024:.1f} MB (largest process)",
+            ratio=f"{ratio:.2f}x files/s",
+            target="≥ 3x the curl loop",
+            met=yes_no(ratio >= 3.0),
+        )
+    )
+    shutil.rmtree(inbox, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    shutil.rmtree(spool, ignore_errors=True)
+
+
 # -- the report -------------------------------------------------------------------------------
 
 TITLES = {
@@ -1079,6 +1146,7 @@ TITLES = {
     "5": "Upload server, 25 MB",
     "6": "Webhook under load",
     "7": "Provisioning",
+    "8": "Posting throughput inside one pass",
 }
 
 
@@ -1199,12 +1267,12 @@ def work_dir(keep: bool) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated items to run (default 1-6)")
+    parser.add_argument("--only", help="comma-separated items to run (default all but 7)")
     parser.add_argument("--provisioning", action="store_true", help="also run item 7 (Molecule)")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer runs")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args(argv)
-    wanted = args.only.split(",") if args.only else ["1", "2", "3", "4", "5", "6"]
+    wanted = args.only.split(",") if args.only else ["1", "2", "3", "4", "5", "6", "8"]
     if args.provisioning and "7" not in wanted:
         wanted.append("7")
     global DATA
@@ -1227,6 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
             "5": lambda res: bench_upload(runner, res),
             "6": lambda res: bench_webhook(runner, res),
             "7": lambda res: bench_provisioning(runner, res),
+            "8": lambda res: bench_pass_post(runner, res),
         }
         try:
             for item in wanted:
