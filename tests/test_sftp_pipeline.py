@@ -88,8 +88,8 @@ def small_items(peer: SftpPeer, inbox: Path, names: list[str]) -> list[sftp_mirr
         items.append(
             sftp_mirror.MirroredFile(
                 rel=name,
-                remote=str(path),
-                local=inbox / name,
+                remote_dir=str(peer.root),
+                local_dir=inbox,
                 size=st.st_size if st else 100,
                 mtime=int(st.st_mtime) if st else 0,
                 status=sftp_mirror.WOULD_DOWNLOAD,

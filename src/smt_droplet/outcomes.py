@@ -94,9 +94,9 @@ SUMMARY_ORDER = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class FileResult:
-    """What happened to one file in a pass."""
+    """What happened to one file in a pass (slotted: a pass holds one per inbox file)."""
 
     path: str
     outcome: Outcome

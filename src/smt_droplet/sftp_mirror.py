@@ -92,18 +92,30 @@ class SyncError(Exception):
     """The SFTP server could not be reached, authenticated against or listed."""
 
 
-@dataclass
+@dataclass(slots=True)
 class MirroredFile:
-    """One remote file and what the mirror did with it."""
+    """One remote file and what the mirror did with it.
+
+    Slotted, with both paths derived from the shared roots: a pass holds one of these for every
+    listed file (100,000 after years of deliveries), so each costs a few small objects, not two
+    path strings and a ``Path``."""
 
     rel: str
-    remote: str
-    local: Path
+    remote_dir: str  # the drop's root on the server (one string shared by every file)
+    local_dir: Path  # the inbox (shared)
     size: int
     mtime: int
     status: str
     reason: str = ""
     connection_lost: bool = False  # failed because the connection dropped or stalled
+
+    @property
+    def remote(self) -> str:
+        return posixpath.join(self.remote_dir, self.rel)
+
+    @property
+    def local(self) -> Path:
+        return self.local_dir.joinpath(*self.rel.split("/"))
 
 
 @dataclass
@@ -280,24 +292,31 @@ def _backoff(settings: SftpSettings, attempt: int) -> float:
     return float(min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (attempt - 1)))
 
 
+Listed = tuple[str, int, int]  # (relative path, size, mtime) of one remote file
+
+
 def _walk_remote(
     sftp: paramiko.SFTPClient, root: str, include: tuple[str, ...], max_depth: int
-) -> Iterator[tuple[str, paramiko.SFTPAttributes]]:
-    """Yield (relative path, attributes) of matching regular files, depth-limited."""
+) -> Iterator[Listed]:
+    """Yield (relative path, size, mtime) of matching regular files, depth-limited, sorted by
+    name. ``listdir_iter`` and a tuple per entry: the listing of a directory of 100,000 files is
+    never held as paramiko attribute objects."""
     pending: list[tuple[str, int]] = [("", 1)]
     while pending:
         rel_dir, depth = pending.pop(0)
         remote_dir = posixpath.join(root, rel_dir) if rel_dir else root
-        for attr in sorted(sftp.listdir_attr(remote_dir), key=lambda a: a.filename):
-            name = attr.filename
-            if not _safe_component(name) or attr.st_mode is None:
-                continue
+        entries = sorted(
+            (a.filename, a.st_mode, int(a.st_size or 0), int(a.st_mtime or 0))
+            for a in sftp.listdir_iter(remote_dir)
+            if a.st_mode is not None and _safe_component(a.filename)
+        )
+        for name, mode, size, mtime in entries:
             rel = posixpath.join(rel_dir, name) if rel_dir else name
-            if stat.S_ISDIR(attr.st_mode):
+            if stat.S_ISDIR(mode):
                 if depth < max_depth and not name.startswith("."):
                     pending.append((rel, depth + 1))
-            elif stat.S_ISREG(attr.st_mode) and matches(name, include):
-                yield rel, attr
+            elif stat.S_ISREG(mode) and matches(name, include):
+                yield rel, size, mtime
 
 
 def _remove_stale_partials(local_dir: Path, max_depth: int) -> None:
@@ -670,6 +689,7 @@ def mirror(
                     listing = _list_remote(transport, settings)
                     result.listed = True
                     todo = _plan(settings, listing, result, now(), retired or {})
+                    del listing  # the plan holds what is needed
                     if not dry_run:
                         todo = _within_free_space(settings, todo, result)
                     if dry_run or not todo:
@@ -735,9 +755,7 @@ def _connected(settings: SftpSettings, pkey: paramiko.PKey) -> Iterator[paramiko
         transport.close()
 
 
-def _list_remote(
-    transport: paramiko.Transport, settings: SftpSettings
-) -> list[tuple[str, paramiko.SFTPAttributes]]:
+def _list_remote(transport: paramiko.Transport, settings: SftpSettings) -> list[Listed]:
     lister = paramiko.SFTPClient.from_transport(transport)
     if lister is None:
         raise SyncError("the server refused the sftp subsystem")
@@ -793,7 +811,7 @@ def _note_failed_downloads(result: MirrorResult, todo: list[MirroredFile]) -> No
 
 def _plan(
     settings: SftpSettings,
-    listing: list[tuple[str, paramiko.SFTPAttributes]],
+    listing: list[Listed],
     result: MirrorResult,
     now: float,
     retired: Mapping[str, list[Any]],
@@ -801,20 +819,12 @@ def _plan(
     """Record every listed file in ``result``; return those to download."""
     todo: list[MirroredFile] = []
     cutoff = now - settings.min_age
-    for rel, attr in listing:
-        local = settings.local_dir.joinpath(*rel.split("/"))
-        size, mtime = int(attr.st_size or 0), int(attr.st_mtime or 0)
-        item = MirroredFile(
-            rel=rel,
-            remote=posixpath.join(settings.remote_dir, rel),
-            local=local,
-            size=size,
-            mtime=mtime,
-            status=UNCHANGED,
-        )
+    local_root = str(settings.local_dir)
+    for rel, size, mtime in listing:
+        item = MirroredFile(rel, settings.remote_dir, settings.local_dir, size, mtime, UNCHANGED)
         result.files.append(item)
         try:
-            st = local.stat()
+            st = os.stat(os.path.join(local_root, rel))
             if st.st_size == size and int(st.st_mtime) == mtime:
                 continue
         except FileNotFoundError:

@@ -69,12 +69,15 @@ def sweep_stale(
         for entry in _entries(spool_dir / "tmp"):
             if entry.is_file(follow_symlinks=False) and _old(entry, cutoff):
                 unlink(entry.path, "an unfinished spool request")
-    for entry in _entries(inbox):
-        if not _old(entry, cutoff):
-            continue
-        if filenames.is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-            unlink(entry.path, "a dead upload's partial file")
-        elif entry.name.startswith(SEED_PGP_PREFIX) and entry.is_dir(follow_symlinks=False):
+    for entry in _entries(inbox):  # the name first: an inbox holds years of CSVs
+        if filenames.is_temp_name(entry.name):
+            if entry.is_file(follow_symlinks=False) and _old(entry, cutoff):
+                unlink(entry.path, "a dead upload's partial file")
+        elif (
+            entry.name.startswith(SEED_PGP_PREFIX)
+            and entry.is_dir(follow_symlinks=False)
+            and _old(entry, cutoff)
+        ):
             try:
                 shutil.rmtree(entry.path)
             except OSError as exc:
