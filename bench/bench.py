@@ -1086,9 +1086,36 @@ def slowest_tasks(output: str) -> list[str]:
     return [f"{name} {secs:.1f} s" for secs, name in found]
 
 
+def recap_changed(output: str) -> int:
+    """The sum of ``changed=`` over the play recap lines."""
+    recap = [ln for ln in output.splitlines() if "unreachable=" in ln]
+    return sum(int(m) for ln in recap for m in re.findall(r"changed=(\d+)", ln))
+
+
+def ssh_overlay(host: str) -> Path:
+    """The inventory overlay molecule/testbed/ssh-access.yml wrote for ``host`` (in Molecule's
+    ephemeral directory of the scenario; the newest one naming the host)."""
+    found = [
+        path
+        for path in (Path.home() / ".ansible" / "tmp").glob(
+            "molecule.*.full-stack/testbed/ssh-inventory.yml"
+        )
+        if f"\n    {host}:\n" in path.read_text(encoding="utf-8")
+    ]
+    if not found:
+        raise BenchError(f"no SSH inventory overlay for {host} (molecule/testbed/ssh-access.yml)")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
 def bench_provisioning(r: Runner, res: ItemResult) -> None:
-    """``site.yml`` via the full-stack Molecule scenario, on a ``git archive HEAD`` copy of the
-    project whose platform is renamed, so a colleague's run of the same scenario is untouched."""
+    """``site.yml`` on the full-stack Molecule scenario's droplet container, run by a
+    ``git archive HEAD`` copy of the project whose platform is renamed, so a colleague's run of
+    the same scenario is untouched. The first converge and a no-op re-converge go over SSH as
+    operators run it (sshd on port 22 in the container, the sudo user ``ops``, pipelining and
+    ControlPersist: molecule/testbed/ssh-access.yml); a no-op converge over ``podman exec``
+    (Molecule's own connection) is beside it. Then issue 15's item 8 on the same container:
+    20 webhook triggers, each timed from the 202 to systemd starting ``smt-ingest.service``
+    (testbed/trigger_latency.py)."""
     release = os.environ.get("SMT_RELEASE", "bookworm")
     # COLUMNS: molecule boxes Ansible's output to the terminal width; wide lines parse cleanly
     env = dict(r.env, CONTAINERS_CONF=str(REPO / "molecule" / "containers.conf"), COLUMNS="400")
@@ -1112,35 +1139,64 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
     # Its own container name (the base config names it after the suffix); the export is no git
     # checkout, so the base config is passed explicitly.
     env = {**env, "SMT_MOLECULE_SUFFIX": "-bench"}
+    host = f"smt-full-stack-{release}-bench"
     base = ["--base-config", str(project / ".config" / "molecule" / "config.yml")]
     molecule = str(VENV_BIN / "molecule")
     timings: dict[str, float] = {}
     slowest: dict[str, list[str]] = {}
-    changed = -1
+    changes: dict[str, int] = {}
+    latency: dict[str, Any] = {}
+
+    def step(label: str, argv: list[str], step_env: dict[str, str]) -> None:
+        began = time.monotonic()
+        done = r.run(argv, env=step_env, cwd=project, capture_output=True, text=True)
+        timings[label] = time.monotonic() - began
+        output = done.stdout + done.stderr
+        (r.work / f"provision-{label}.log").write_text(output)
+        if done.returncode != 0:
+            raise BenchError(f"{label} failed: {output[-1500:]}")
+        slowest[label] = slowest_tasks(output)
+        changes[label] = recap_changed(output)
+
     try:
-        for label, step in (
-            ("create", "create"),
-            ("prepare", "prepare"),
-            ("converge", "converge"),
-            ("re-converge", "converge"),
-        ):
-            began = time.monotonic()
-            done = r.run(
-                [molecule, *base, step, "-s", "full-stack"],
-                env=env,
-                cwd=project,
-                capture_output=True,
-                text=True,
-            )
-            timings[label] = time.monotonic() - began
-            output = done.stdout + done.stderr
-            (r.work / f"molecule-{label}.log").write_text(output)
-            if done.returncode != 0:
-                raise BenchError(f"molecule {step} failed: {output[-1500:]}")
-            slowest[label] = slowest_tasks(output)
-            if label == "re-converge":
-                recap = [ln for ln in output.splitlines() if "unreachable=" in ln]
-                changed = sum(int(m) for ln in recap for m in re.findall(r"changed=(\d+)", ln))
+        step("create", [molecule, *base, "create", "-s", "full-stack"], env)
+        step("prepare", [molecule, *base, "prepare", "-s", "full-stack"], env)
+        overlay = ssh_overlay(host)
+        testbed = overlay.parent
+        ssh_env = {
+            **env,
+            "MOLECULE_PROJECT_DIRECTORY": str(project),
+            "SMT_TESTBED_DIR": str(testbed),
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+            "ANSIBLE_NOCOLOR": "1",
+        }
+        over_ssh = [
+            str(VENV_BIN / "ansible-playbook"),
+            f"--inventory={testbed.parent / 'inventory'}",
+            f"--inventory={overlay}",
+            "--limit",
+            host,
+            "playbooks/site.yml",
+        ]
+        step("converge over SSH", over_ssh, ssh_env)
+        step("re-converge over SSH", over_ssh, ssh_env)
+        step("re-converge over podman", [molecule, *base, "converge", "-s", "full-stack"], env)
+        testbed_vars = (project / "molecule" / "testbed" / "group_vars" / "all.yml").read_text()
+        found = re.search(r'^smt_testbed_webhook_secret: "([^"]+)"$', testbed_vars, re.M)
+        if found is None:
+            raise BenchError("smt_testbed_webhook_secret is not in molecule/testbed/group_vars")
+        secret = found.group(1)
+        count = 5 if r.quick else 20
+        probe = r.run(
+            ["podman", "exec", "-e", "INTELLIWATT_WEBHOOK_SECRET", host, "python3",
+             "/opt/smt-testbed/trigger_latency.py", "--count", str(count)],
+            env={**env, "INTELLIWATT_WEBHOOK_SECRET": secret},
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if probe.returncode != 0 or not probe.stdout.strip():
+            raise BenchError(f"trigger_latency.py failed: {(probe.stdout + probe.stderr)[-1500:]}")
+        latency = json.loads(probe.stdout.strip().splitlines()[-1])
     finally:
         r.run(
             [molecule, *base, "destroy", "-s", "full-stack"],
@@ -1150,22 +1206,47 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
         )
     res.raw = {
         "timings_s": timings,
-        "re_converge_changed": changed,
+        "changed": changes,
         "release": release,
         "slowest_tasks": slowest,
+        "trigger_latency": latency,
     }
+    ssh_noop = timings["re-converge over SSH"]
+    noop_changed = changes["re-converge over SSH"]
     res.rows.append(
         Row(
             item=res.item,
-            metric=f"site.yml on the full-stack droplet container ({release})",
-            ours=f"no-op re-converge {timings['re-converge']:.1f} s (changed={changed})",
-            baseline=f"first converge {timings['converge']:.1f} s",
-            ratio=f"{timings['re-converge'] / timings['converge']:.2f}x the first converge",
+            metric=f"site.yml on the full-stack droplet container ({release}), over SSH as a "
+            "sudo user (pipelining, ControlPersist)",
+            ours=f"no-op re-converge {ssh_noop:.1f} s (changed={noop_changed})",
+            baseline=f"first converge over SSH {timings['converge over SSH']:.1f} s; no-op "
+            f"over podman exec {timings['re-converge over podman']:.1f} s "
+            f"(changed={changes['re-converge over podman']})",
+            ratio=f"{ssh_noop / timings['re-converge over podman']:.2f}x the podman no-op",
             target="re-converge ≤ 20 s, changed=0",
-            met=yes_no(timings["re-converge"] <= 20 and changed == 0),
-            note=f"molecule create (with prepare: SFTP peer + double inside the container) "
-            f"{timings['create'] + timings['prepare']:.1f} s; slowest tasks of the re-converge: "
-            + "; ".join(slowest.get("re-converge", [])[:5]),
+            met=yes_no(ssh_noop <= 20 and noop_changed == 0),
+            note=f"molecule create + prepare (SFTP peer, double, sshd and the sudo user inside "
+            f"the container) {timings['create'] + timings['prepare']:.1f} s; slowest tasks of "
+            "the no-op over SSH: " + "; ".join(slowest.get("re-converge over SSH", [])[:5]),
+        )
+    )
+    samples = latency.get("samples_s") or []
+    p50 = latency.get("p50_s")
+    res.rows.append(
+        Row(
+            item=res.item,
+            metric=f"trigger → pass started: webhook 202 to systemd starting smt-ingest.service "
+            f"(through Caddy and smt-ingest.path), {len(samples)} triggers",
+            ours=f"p50 {p50 * 1000:.0f} ms, p90 {latency['p90_s'] * 1000:.0f} ms, max "
+            f"{latency['max_s'] * 1000:.0f} ms"
+            if p50 is not None
+            else "no sample",
+            baseline="— (the old droplet had no trigger path)",
+            ratio="—",
+            target="p50 ≤ 1 s over 20 triggers",
+            met=yes_no(
+                p50 is not None and p50 <= 1 and len(samples) >= 20 and not latency["failures"]
+            ),
         )
     )
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ UNITS = (
     "smt-upload-server.service",
 )
 SECURITY_SCORES: list[str] = []
+SSH_TIMINGS: list[str] = []
 T = TypeVar("T")
 
 
@@ -173,6 +176,43 @@ def inventory_dir() -> Path:
     return Path(ephemeral) / "inventory"
 
 
+@pytest.fixture(scope="module")
+def ssh_inventories(inventory_dir: Path) -> list[Path]:
+    """Molecule's inventory and, after it, the overlay molecule/testbed/ssh-access.yml wrote:
+    the same host reached over SSH (port 22, user ``ops``, sudo to root, pipelining and
+    ControlPersist), the way operators run ``site.yml`` against a real droplet."""
+    testbed = os.environ.get("SMT_TESTBED_DIR")
+    overlay = Path(testbed) / "ssh-inventory.yml" if testbed else None
+    if overlay is None or not overlay.is_file():
+        pytest.skip("needs the SSH overlay of molecule/testbed/ssh-access.yml (full-stack prepare)")
+    return [inventory_dir, overlay]
+
+
+def playbook(
+    inventories: Path | list[Path], host: str, name: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``ansible-playbook playbooks/NAME`` from the repository root against ``host``."""
+    sources = inventories if isinstance(inventories, list) else [inventories]
+    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    cmd = ["ansible-playbook", *(f"--inventory={p}" for p in sources), "--limit", host, *extra]
+    return subprocess.run(
+        [*cmd, str(REPO / "playbooks" / name)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def changed(proc: subprocess.CompletedProcess[str]) -> int:
+    """The sum of ``changed=`` over the play recap."""
+    counts = [int(n) for n in re.findall(r"\bchanged=(\d+)", proc.stdout)]
+    assert counts, proc.stdout[-3000:]
+    return sum(counts)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """On a failed check, attach the units' journal so the log says why."""
@@ -189,4 +229,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if SECURITY_SCORES:
         terminalreporter.section("systemd-analyze security (for the record)")
         for line in SECURITY_SCORES:
+            terminalreporter.write_line(line)
+    if SSH_TIMINGS:
+        terminalreporter.section("site.yml over SSH (for the record)")
+        for line in SSH_TIMINGS:
             terminalreporter.write_line(line)

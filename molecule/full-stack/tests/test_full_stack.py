@@ -355,3 +355,21 @@ def test_12_sftp_down_alerts_and_degrades_health_then_one_pass_clears(bed: Bed) 
     bed.run("systemctl start smt-notify-check.service")
     last = json.loads(bed.run(f"tail -n 1 {ALERTS}").stdout)["body"]
     assert last["title"].endswith("smt-ingest passes succeed again"), last
+
+
+def test_13_each_trigger_starts_a_pass_through_the_path_unit(bed: Bed) -> None:
+    """testbed/trigger_latency.py (the probe of bench item 8) against the real units: each
+    202 from the webhook is followed by systemd starting smt-ingest.service. Its latency is a
+    benchmark figure (bench/run --provisioning), not asserted here."""
+    secret = bed.vars["smt_testbed_webhook_secret"]
+    posted_before = len(bed.received())
+    out = bed.run(
+        f"INTELLIWATT_WEBHOOK_SECRET={shlex.quote(secret)} "
+        "python3 /opt/smt-testbed/trigger_latency.py --count 3 --timeout 30"
+    ).stdout
+    report = json.loads(out)
+    assert report["failures"] == [] and len(report["samples_s"]) == 3, report
+    assert len(bed.received()) == posted_before  # nothing new on the peer: nothing posted
+    record = json.loads(bed.run(f"cat {LAST_RESULT}").stdout)
+    assert record["trigger"] == "systemd" and record["exit_code"] == 0, record
+    assert bed.spool_depth() == 0  # every queued request was served

@@ -1,18 +1,18 @@
 """Last (the file name sorts last): ``playbooks/retire.yml`` on the converged droplet, then
 ``site.yml`` again — converge → retire → converge ends ``changed=0``, and the inbox and the
-ledger survive the round trip."""
+ledger survive the round trip. Every run goes over SSH as the sudo user ``ops``, as an
+operator would run them."""
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Bed
+from conftest import Bed, changed, playbook
 
 GONE = (
     "/etc/systemd/system/smt-ingest.service",
@@ -33,41 +33,21 @@ INBOX = "/home/deploy/smt_inbox"
 LEDGER = f"{INBOX}/.posted_sha256"
 
 
-def playbook(inventory: Path, host: str, name: str, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
-    cmd = ["ansible-playbook", "-i", str(inventory), "--limit", host, *extra]
-    return subprocess.run(
-        [*cmd, str(REPO / "playbooks" / name)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-
-
-def changed(proc: subprocess.CompletedProcess) -> int:
-    counts = [int(n) for n in re.findall(r"\bchanged=(\d+)", proc.stdout)]
-    assert counts, proc.stdout[-3000:]
-    return sum(counts)
-
-
 @pytest.mark.skipif(
     os.environ.get("SMT_RELEASE", "bookworm") != "bookworm",
     reason="the retire cycle (five playbook runs) runs on bookworm only, to keep the suite short",
 )
-def test_retire_then_converge_again(bed: Bed, host: Any, inventory_dir: Path) -> None:
+def test_retire_then_converge_again(bed: Bed, host: Any, ssh_inventories: list[Path]) -> None:
     name = bed.host.backend.name
     ledger_before = bed.run(f"cat {LEDGER}").stdout
     inbox_before = sorted(bed.run(f"find {INBOX} -type f -name '*.csv'").stdout.split())
     assert ledger_before.strip() and inbox_before  # the earlier checks posted files
 
-    checked = playbook(inventory_dir, name, "retire.yml", "--check", "--diff")
+    checked = playbook(ssh_inventories, name, "retire.yml", "--check", "--diff")
     assert checked.returncode == 0, checked.stdout[-4000:]
     assert changed(checked) > 0 and host.file("/opt/smt-droplet").exists  # nothing touched
 
-    retired = playbook(inventory_dir, name, "retire.yml")
+    retired = playbook(ssh_inventories, name, "retire.yml")
     assert retired.returncode == 0, retired.stdout[-4000:] + retired.stderr[-2000:]
     for path in GONE:
         assert not host.file(path).exists, path
@@ -83,12 +63,12 @@ def test_retire_then_converge_again(bed: Bed, host: Any, inventory_dir: Path) ->
     assert not host.user("smt-upload").exists and not host.user("smt-webhook").exists
     assert host.user("deploy").exists
 
-    again = playbook(inventory_dir, name, "retire.yml")
+    again = playbook(ssh_inventories, name, "retire.yml")
     assert again.returncode == 0 and changed(again) == 0, again.stdout[-4000:]
 
-    converged = playbook(inventory_dir, name, "site.yml")
+    converged = playbook(ssh_inventories, name, "site.yml")
     assert converged.returncode == 0, converged.stdout[-4000:]
-    idempotent = playbook(inventory_dir, name, "site.yml")
+    idempotent = playbook(ssh_inventories, name, "site.yml")
     assert idempotent.returncode == 0 and changed(idempotent) == 0, idempotent.stdout[-6000:]
     health = (
         "curl -s -o /dev/null -w '%{http_code}' --cacert /etc/smt-droplet/tls-ca.crt "
