@@ -785,11 +785,95 @@ http {{
         }}
     }}
     server {{
+        listen 127.0.0.1:{port_tls} ssl;
+        server_name localhost;
+        ssl_certificate {w}/tls.crt;
+        ssl_certificate_key {w}/tls.key;
+        location = /upload {{
+            client_max_body_size 30m;
+            client_body_in_file_only on;
+            proxy_pass http://127.0.0.1:{port2}/stored;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Body-File $request_body_file;
+        }}
+    }}
+    server {{
         listen 127.0.0.1:{port2};
         location = /stored {{ return 200 "stored\\n"; }}
     }}
 }}
 """
+
+CADDY = REPO / ".cache" / "tools" / "usr" / "bin" / "caddy"  # scripts/setup unpacks Debian's
+
+
+def make_tls_cert(r: Runner, directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed ECDSA P-256 certificate for localhost (nginx and Caddy share it,
+    so both sides do the same TLS work)."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    made = r.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+    )  # fmt: skip
+    if made.returncode != 0:
+        raise BenchError(f"openssl req failed: {made.stderr.decode()[-300:]}")
+    return cert, key
+
+
+def start_caddy_front(r: Runner, directory: Path, upload_port: int) -> tuple[Any, int]:
+    """Caddy with the role's own Caddyfile (roles/smt_tls, mode ``files``), rendered by
+    Ansible's template module, in front of the upload server on ``upload_port``."""
+    if not CADDY.is_file():
+        raise BenchError(f"no caddy at {CADDY} (scripts/setup unpacks it)")
+    port = free_port()
+    variables = {
+        "smt_tls_mode": "files",
+        "smt_tls_cert_file": str(directory / "tls.crt"),
+        "smt_tls_key_file": str(directory / "tls.key"),
+        "smt_tls_domain": "localhost",
+        "smt_tls_port": port,
+        "smt_tls_upload_port": upload_port,
+        "smt_tls_webhook_port": free_port(),
+        "smt_tls_hsts_max_age": 31536000,
+        "smt_tls_read_header_timeout": "10s",
+        "smt_tls_read_body_timeout": "10m",
+        "smt_tls_idle_timeout": "2m",
+    }
+    (directory / "caddy-vars.json").write_text(json.dumps(variables))
+    caddyfile = directory / "Caddyfile"
+    template = REPO / "roles" / "smt_tls" / "templates" / "etc" / "caddy" / "Caddyfile.j2"
+    rendered = r.run(
+        [str(VENV_BIN / "ansible"), "localhost", "-c", "local", "-m", "ansible.builtin.template",
+         "-a", f"src={template} dest={caddyfile} mode=0600",
+         "-e", f"@{directory / 'caddy-vars.json'}"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    if rendered.returncode != 0:
+        raise BenchError(f"rendering the role's Caddyfile failed: {rendered.stdout[-800:]}")
+    home = directory / "caddy-home"
+    env = {
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "PATH": "/usr/bin:/bin",
+    }
+    caddy = r.spawn(
+        [str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        "caddy.log",
+        env=env,
+    )
+    deadline = time.monotonic() + 20
+    probe = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+             str(directory / "tls.crt"), f"https://localhost:{port}/health"]  # fmt: skip
+    while subprocess.run(probe, capture_output=True, text=True, check=False).stdout != "200":
+        if caddy.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"caddy did not serve TLS on {port}: see $W/caddy.log")
+        time.sleep(0.1)
+    return caddy, port
 
 
 def start_upload_server(r: Runner, name: str) -> tuple[Any, str, Path]:
@@ -835,25 +919,41 @@ def bench_upload(r: Runner, res: ItemResult) -> None:
     nginx_dir = r.work / "nginx"
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (nginx_dir / sub).mkdir(parents=True, exist_ok=True)
-    nport, nport2 = free_port(), free_port()
+    nport, nport2, nport_tls = free_port(), free_port(), free_port()
+    cert, _ = make_tls_cert(r, nginx_dir)
     conf = nginx_dir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(w=nginx_dir, port=nport, port2=nport2))
+    conf.write_text(NGINX_CONF.format(w=nginx_dir, port=nport, port2=nport2, port_tls=nport_tls))
     nginx = r.spawn(
         ["nginx", "-p", str(nginx_dir), "-c", str(conf), "-e", str(nginx_dir / "error.log")],
         "nginx.log",
     )
     wait_http(f"http://127.0.0.1:{nport2}/stored")
+    caddy, cport = start_caddy_front(r, nginx_dir, int(url.rsplit(":", 1)[1]))
+    tls = f"--cacert {cert} "
+    # Caddy's peak RSS after 1 MB uploads, then after the 25 MB runs below
+    for _ in range(5):
+        if r.run(f"{curl}{small} {tls}https://localhost:{cport}/upload").returncode != 0:
+            raise BenchError("1 MB upload through Caddy failed")
+    caddy_1 = proc_memory(caddy.pid)
     runs = 5
+    clear_ours = f"find {inbox} -maxdepth 1 -name '2*' -delete"
+    clear_nginx = f"rm -f {nginx_dir}/body/*"
     prepare = {
-        "smt-droplet upload-server": f"find {inbox} -maxdepth 1 -name '2*' -delete",
-        "nginx client_body_in_file_only": f"rm -f {nginx_dir}/body/*",
+        "smt-droplet upload-server": clear_ours,
+        "nginx client_body_in_file_only": clear_nginx,
+        "Caddy (TLS) -> smt-droplet upload-server": clear_ours,
+        "nginx TLS client_body_in_file_only": clear_nginx,
     }
+    nginx_curl = f"curl -sS -f -o /dev/null -F file=@{big} "
     stats = r.hyperfine(
         "upload",
         {
             "smt-droplet upload-server": f"{curl}{big} {url}/upload",
-            "nginx client_body_in_file_only": f"curl -sS -f -o /dev/null -F file=@{big} "
-            f"http://127.0.0.1:{nport}/upload",
+            "nginx client_body_in_file_only": f"{nginx_curl}http://127.0.0.1:{nport}/upload",
+            "Caddy (TLS) -> smt-droplet upload-server": f"{curl}{big} {tls}"
+            f"https://localhost:{cport}/upload",
+            "nginx TLS client_body_in_file_only": f"{nginx_curl}{tls}"
+            f"https://localhost:{nport_tls}/upload",
         },
         runs=runs,
         warmup=1,
@@ -864,17 +964,24 @@ def bench_upload(r: Runner, res: ItemResult) -> None:
     if stored != [size] or not kept or kept[0] < size:
         raise BenchError(f"upload: stored {stored}, nginx kept {kept}, expected {size} bytes")
     mem_25 = proc_memory(proc.pid)
+    caddy_25 = proc_memory(caddy.pid)
+    r.stop(caddy)
     r.stop(proc)
     r.stop(nginx, signal.SIGQUIT)
     t_ours = stats["smt-droplet upload-server"]["mean"]
     t_nginx = stats["nginx client_body_in_file_only"]["mean"]
+    t_ours_tls = stats["Caddy (TLS) -> smt-droplet upload-server"]["mean"]
+    t_nginx_tls = stats["nginx TLS client_body_in_file_only"]["mean"]
     ratio = t_nginx / t_ours
+    ratio_tls = t_nginx_tls / t_ours_tls
     growth = mem_25["VmHWM"] / mem_1["VmHWM"]
+    caddy_growth = caddy_25["VmHWM"] / caddy_1["VmHWM"]
     res.raw = {
         "bytes": size,
         "hyperfine": stats,
         "mem_1MB": {"idle": idle_1, "after": mem_1},
         "mem_25MB": {"idle": idle_25, "after": mem_25},
+        "caddy": {"after_1MB": caddy_1, "after_25MB": caddy_25},
     }
     res.rows += [
         Row(
@@ -888,7 +995,28 @@ def bench_upload(r: Runner, res: ItemResult) -> None:
         ),
         Row(
             item=res.item,
-            metric="server peak RSS (VmHWM) after 5 x 1 MB vs 6 x 25 MB uploads",
+            metric=f"{size / MB:.0f} MB upload through the TLS front: Caddy (the role's "
+            f"Caddyfile) → upload server, mean of {runs}",
+            ours=f"{size / MB / t_ours_tls:.0f} MB/s ({t_ours_tls:.3f} s)",
+            baseline=f"nginx TLS, body to file: {size / MB / t_nginx_tls:.0f} MB/s "
+            f"({t_nginx_tls:.3f} s)",
+            ratio=f"{ratio_tls:.2f}x nginx TLS",
+            target="≥ 0.5x nginx with TLS",
+            met=yes_no(ratio_tls >= 0.5),
+            note="TLS: one self-signed ECDSA P-256 certificate for both; curl --cacert",
+        ),
+        Row(
+            item=res.item,
+            metric="Caddy peak RSS (VmHWM) after 5 x 1 MB, then after 6 x 25 MB uploads",
+            ours=f"25 MB: {caddy_25['VmHWM'] / 1024:.1f} MB",
+            baseline=f"1 MB: {caddy_1['VmHWM'] / 1024:.1f} MB",
+            ratio=f"{caddy_growth:.2f}x (1.00 = flat)",
+            target="flat (≤ 1.1x)",
+            met=yes_no(caddy_growth <= 1.1),
+        ),
+        Row(
+            item=res.item,
+            metric="server peak RSS (VmHWM) after 5 x 1 MB vs 12 x 25 MB uploads (6 through Caddy)",
             ours=f"25 MB: {mem_25['VmHWM'] / 1024:.1f} MB (idle {idle_25['VmHWM'] / 1024:.1f})",
             baseline=f"1 MB: {mem_1['VmHWM'] / 1024:.1f} MB (idle {idle_1['VmHWM'] / 1024:.1f})",
             ratio=f"{growth:.2f}x (1.00 = flat)",

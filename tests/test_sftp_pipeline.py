@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from smt_droplet import sftp_mirror
+from smt_droplet import durable, sftp_mirror
 from smt_droplet.config import SftpSettings
 from smt_droplet.sftp_mirror import connect, load_private_key, mirror
 from testbed.sftp_peer import SftpPeer
@@ -165,5 +166,59 @@ def test_connection_killed_during_small_files_reconnects_and_completes(
     assert len(result.downloaded) == len(data)
     assert sleeps == [0.05]  # one reconnect
     assert sorted(os.listdir(inbox)) == sorted(data)  # no partial file left
+    for name, body in data.items():
+        assert (inbox / name).read_bytes() == body
+
+
+def test_small_files_are_flushed_once_per_batch_before_any_rename(
+    sftp_peer: SftpPeer, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path writes under temp names and renames only after one flush: when the
+    flush is called no final name exists yet, and it is called once per batch, not per file."""
+    count = sftp_mirror.SMALL_BATCH * 2 + 5
+    data = {f"b{i:04}.csv": os.urandom(500 + i) for i in range(count)}
+    for name, body in data.items():
+        put(sftp_peer.root, name, body)
+    flushes: list[list[str]] = []
+    real = durable.sync_filesystems
+
+    def watched(paths: list[Path]) -> None:
+        finals = [p.parent / p.name[1:].rsplit(".", 2)[0] for p in paths]  # .NAME.HEX.partial
+        assert all(p.name.endswith(sftp_mirror.PARTIAL_SUFFIX) and p.is_file() for p in paths)
+        assert not any(f.exists() for f in finals)  # nothing of this batch in place yet
+        flushes.append([f.name for f in finals])
+        real(paths)
+
+    monkeypatch.setattr(durable, "sync_filesystems", watched)
+    result = mirror(settings_for(sftp_peer, inbox))
+    assert result.error is None and {f.status for f in result.files} == {"downloaded"}
+    batch = sftp_mirror.SMALL_BATCH
+    assert sorted(len(names) for names in flushes) == [5, batch, batch]  # one flush a batch
+    assert sorted(name for names in flushes for name in names) == sorted(data)
+    for name, body in data.items():
+        assert (inbox / name).read_bytes() == body
+    assert sorted(p.name for p in inbox.iterdir()) == sorted(data)  # no temp name left
+
+
+def test_a_failed_flush_keeps_the_batch_out_and_the_next_pass_fetches_it(
+    sftp_peer: SftpPeer, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """syncfs reporting a write-back error (EIO): none of the batch's files is renamed into
+    place, each is failed with the reason, no temp file stays; the next pass fetches them."""
+    data = {f"e{i:03}.csv": os.urandom(700 + i) for i in range(10)}
+    for name, body in data.items():
+        put(sftp_peer.root, name, body)
+
+    def broken(paths: list[Path]) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(paths[0]))
+
+    monkeypatch.setattr(durable, "sync_filesystems", broken)
+    first = mirror(settings_for(sftp_peer, inbox))
+    assert {f.status for f in first.files} == {"failed"}
+    assert all("Input/output error" in (f.reason or "") for f in first.files)
+    assert list(inbox.iterdir()) == []
+    monkeypatch.undo()
+    again = mirror(settings_for(sftp_peer, inbox))
+    assert {f.status for f in again.files} == {"downloaded"}
     for name, body in data.items():
         assert (inbox / name).read_bytes() == body

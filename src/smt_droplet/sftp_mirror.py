@@ -18,8 +18,10 @@
   posted), fsync, set the remote mtime, rename — an interrupted download never looks like a
   file. ``SMT_SFTP_PARALLEL`` (default 4) SFTP channels of one connection (64 MiB SSH window):
   small files (< 32 KiB) go in batches per channel with ``SMALL_DEPTH`` files in flight
-  (OPEN/READ/CLOSE pipelined); a large file is read with ``PIPE_DEPTH`` READ requests of
-  ``PIPE_REQUEST`` bytes in flight, each answer written at its offset.
+  (OPEN/READ/CLOSE pipelined), each batch flushed to disk once (``durable.Batch``: one
+  ``syncfs`` before its renames, not an fsync per file); a large file is read with
+  ``PIPE_DEPTH`` READ requests of ``PIPE_REQUEST`` bytes in flight, each answer written at
+  its offset.
 * **Failures**: connecting is retried ``SMT_SFTP_RETRIES`` times with exponential backoff
   (``SMT_RETRY_BASE_DELAY`` * 2**n, capped at ``SMT_RETRY_MAX_DELAY``); then :class:`MirrorResult`
   carries the error and the pass goes on with what is local (exit 1). A connection that drops
@@ -519,19 +521,30 @@ def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tup
     return received, after_size, after_mtime
 
 
-def _store(item: MirroredFile, data: bytes) -> MirroredFile:
-    """Write a small file read in one request (``size + 1`` asked) and rename it into place."""
+def _store(item: MirroredFile, data: bytes, batch: durable.Batch) -> bool:
+    """Write a small file read in one request (``size + 1`` asked) into ``batch``; ``True``
+    when it waits there for :func:`_commit` (else its status says why not)."""
     if len(data) != item.size:
-        return _changed_while_reading(item, len(data))
-    item.local.parent.mkdir(parents=True, exist_ok=True)
+        _changed_while_reading(item, len(data))
+        return False
     try:
-        durable.write_atomic(
-            item.local, data, mode=0o644, suffix=PARTIAL_SUFFIX, mtime=item.mtime, sync_dir=False
-        )
-        item.status = DOWNLOADED
+        item.local.parent.mkdir(parents=True, exist_ok=True)
+        batch.write(item.local, data, mtime=item.mtime)
     except OSError as exc:
         _failed(item, exc)
-    return item
+        return False
+    return True
+
+
+def _commit(batch: durable.Batch, stored: list[MirroredFile]) -> None:
+    """Flush the batch once and rename its files into place: ``stored`` (in the order they
+    were written) become downloaded, or failed with the reason."""
+    for item, (_, error) in zip(stored, batch.commit(), strict=True):
+        if error is None:
+            item.status = DOWNLOADED
+        else:
+            _failed(item, error)
+    stored.clear()
 
 
 # -- how a download ends (both paths above) ----------------------------------------------------
@@ -612,6 +625,8 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
 
     replies = _Replies()
     todo = deque(items)
+    batch = durable.Batch(mode=0o644, suffix=PARTIAL_SUFFIX)
+    stored: list[MirroredFile] = []  # written into the batch, not yet committed
     # (request number, item, handle): handle None while the OPEN is outstanding
     inflight: deque[tuple[int, MirroredFile, bytes | None]] = deque()
     try:
@@ -639,10 +654,15 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
                 inflight.append((num, item, handle))
                 continue
             request(type(None), CMD_CLOSE, handle)  # the answer is dropped when it arrives
-            _store(item, b"" if msg is None else msg.get_string())
+            if _store(item, b"" if msg is None else msg.get_string(), batch):
+                stored.append(item)
             _progress.update(item.size)
+        _commit(batch, stored)
     except _CONNECTION_ERRORS as exc:
+        _commit(batch, stored)  # what arrived whole is kept
         _connection_lost(sftp, items, exc)
+    finally:
+        batch.discard()  # only after an unexpected error: nothing is left under temp names
     return True
 
 
