@@ -1317,7 +1317,7 @@ def bench_provisioning(r: Runner, res: ItemResult) -> None:
         count = 5 if r.quick else 20
         probe = r.run(
             ["podman", "exec", "-e", "INTELLIWATT_WEBHOOK_SECRET", host, "python3",
-             "/opt/smt-testbed/trigger_latency.py", "--count", str(count)],
+             "/opt/smt-testbed/trigger_latency.py", "--count", str(count), "--gap", "0.5"],
             env={**env, "INTELLIWATT_WEBHOOK_SECRET": secret},
             capture_output=True,
             text=True,

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cafile", default="/etc/smt-droplet/tls-ca.crt")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds for a pass to start")
     parser.add_argument("--idle-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--gap", type=float, default=0.0, help="seconds between a pass ending and the next trigger"
+    )
     args = parser.parse_args(argv)
     if not args.url.startswith("https://"):
         parser.error("--url must be an https:// URL (the TLS front)")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for round_no in range(1, args.count + 1):
         before = wait_idle(args.idle_timeout)
+        time.sleep(args.gap)
         arrived = trigger(args.url, secret, context)
         deadline = arrived + args.timeout
         while True:
