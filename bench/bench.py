@@ -11,10 +11,14 @@ baseline measured in the same run, on the same loopback peers:
 4. Posting the 12-month SMT file: body size (gzip+base64 vs base64) vs the 4.5 MB cap, time to
    post (``smt-droplet post`` vs ``bench/legacy_post.sh``: base64 | jq | curl), peak RSS of a
    whole ingest pass vs the bare interpreter with the same imports.
-5. Upload server: 25 MB ``curl -F`` upload, ours vs nginx (``client_body_in_file_only``); peak
-   RSS after 1 MB uploads vs after 25 MB uploads.
+5. Upload server: 25 MB ``curl -F`` upload, ours vs nginx (``client_body_in_file_only``), plain
+   and through the TLS front (Caddy with the role's Caddyfile vs nginx with TLS, one
+   certificate); peak RSS of the server and of Caddy after 1 MB uploads vs after 25 MB uploads.
 6. Webhook: ``wrk`` 32 connections 10 s, authorized and unauthorized, ours vs adnanh/webhook.
-7. Provisioning (``--provisioning``): ``molecule`` converge and no-op re-converge of full-stack.
+7. Provisioning (``--provisioning``): ``site.yml`` on the full-stack droplet container over SSH
+   (first converge, no-op re-converge) beside a no-op over ``podman exec``; then webhook
+   trigger → systemd starting the pass, 20 times (``testbed/trigger_latency.py``).
+8. Posting inside one pass: 200 x 30 KB from the inbox vs a shell loop of curl per file.
 
 Results go to ``bench/results.json`` (merged per item, so ``--only`` refreshes a part) and the
 table between the markers in ``bench/README.md``.
