@@ -421,7 +421,9 @@ def bench_sftp(r: Runner, res: ItemResult, label: str, files: int, size: int) ->
         "rclone copy": f"rclone copy {r.rclone_flags()} :sftp:{remote} {dst['rclone']}",
     }
     tool_dir = dict(zip(commands, dst.values(), strict=True))
-    prepare = {name: f"rm -rf {d} && mkdir -p {d}" for name, d in tool_dir.items()}
+    # sync: no run starts with another run's writeback pending (a tool that flushes, as ours
+    # does before its renames, would otherwise pay for the previous tool's unflushed files)
+    prepare = {name: f"rm -rf {d} && mkdir -p {d} && sync" for name, d in tool_dir.items()}
     stats = r.hyperfine(label, commands, runs=runs, warmup=0 if files == 1 else 1, prepare=prepare)
     for name, directory in dst.items():
         got = dir_stats(directory)
@@ -623,7 +625,7 @@ def _first_mirror(r: Runner, res: ItemResult, remote: Path, n: int, total: int) 
         "rclone copy": f"rclone copy {r.rclone_flags()} :sftp:{remote} {dst['rclone']}",
     }
     prepare = {
-        name: f"rm -rf {d} {r.work / 'spool-first'} && mkdir -p {d}"
+        name: f"rm -rf {d} {r.work / 'spool-first'} && mkdir -p {d} && sync"
         for name, d in zip(commands, dst.values(), strict=True)
     }
     runs = 2 if r.quick else 3

@@ -120,20 +120,25 @@ def sync_filesystems(paths: list[Path]) -> None:
     fsync each path where ``syncfs`` is missing. Raises ``OSError`` if the kernel reports a
     write-back error (Linux 5.8+ reports them to ``syncfs``)."""
     syncfs = _syncfs()
-    seen: set[int] = set()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if syncfs is None:
+    if syncfs is None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
                 os.fsync(fd)
-                continue
+            finally:
+                os.close(fd)
+        return
+    seen: set[int] = set()
+    for directory in dict.fromkeys(path.parent for path in paths):  # a few, in order
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
             device = os.fstat(fd).st_dev
             if device in seen:
                 continue
             seen.add(device)
             if syncfs(fd) != 0:
                 err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(path))
+                raise OSError(err, os.strerror(err), str(directory))
         finally:
             os.close(fd)
 

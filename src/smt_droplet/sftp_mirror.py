@@ -521,15 +521,19 @@ def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tup
     return received, after_size, after_mtime
 
 
-def _store(item: MirroredFile, data: bytes, batch: durable.Batch) -> bool:
+def _store(item: MirroredFile, data: bytes, batch: durable.Batch, made: set[Path]) -> bool:
     """Write a small file read in one request (``size + 1`` asked) into ``batch``; ``True``
-    when it waits there for :func:`_commit` (else its status says why not)."""
+    when it waits there for :func:`_commit` (else its status says why not). ``made``: the
+    directories already made by this batch."""
     if len(data) != item.size:
         _changed_while_reading(item, len(data))
         return False
     try:
-        item.local.parent.mkdir(parents=True, exist_ok=True)
-        batch.write(item.local, data, mtime=item.mtime)
+        local = item.local
+        if local.parent not in made:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            made.add(local.parent)
+        batch.write(local, data, mtime=item.mtime)
     except OSError as exc:
         _failed(item, exc)
         return False
@@ -627,6 +631,7 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
     todo = deque(items)
     batch = durable.Batch(mode=0o644, suffix=PARTIAL_SUFFIX)
     stored: list[MirroredFile] = []  # written into the batch, not yet committed
+    made: set[Path] = set()
     # (request number, item, handle): handle None while the OPEN is outstanding
     inflight: deque[tuple[int, MirroredFile, bytes | None]] = deque()
     try:
@@ -654,7 +659,7 @@ def _download_small_batch(sftp: paramiko.SFTPClient, items: list[MirroredFile]) 
                 inflight.append((num, item, handle))
                 continue
             request(type(None), CMD_CLOSE, handle)  # the answer is dropped when it arrives
-            if _store(item, b"" if msg is None else msg.get_string(), batch):
+            if _store(item, b"" if msg is None else msg.get_string(), batch, made):
                 stored.append(item)
             _progress.update(item.size)
         _commit(batch, stored)
