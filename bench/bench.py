@@ -410,7 +410,8 @@ def bench_sftp(r: Runner, res: ItemResult, label: str, files: int, size: int) ->
     else:
         total = write_many(remote, files, (size, size), seed=2)
         get = f"mget {remote}/*"
-    dst = {name: r.work / f"{label}-{name}" for name in ("ours", "sftp", "rclone")}
+    tools = ("ours", "sftp", "rclone") + (("paramiko",) if files == 1 else ())
+    dst = {name: r.work / f"{label}-{name}" for name in tools}
     batch = r.work / f"{label}.sftp"
     batch.write_text(f"lcd {dst['sftp']}\n{get}\n")
     env_file = r.ingest_env(label, remote, dst["ours"])
@@ -420,6 +421,13 @@ def bench_sftp(r: Runner, res: ItemResult, label: str, files: int, size: int) ->
         "OpenSSH sftp": f"sftp -q -b {batch} {r.ssh_opts()} >/dev/null",
         "rclone copy": f"rclone copy {r.rclone_flags()} :sftp:{remote} {dst['rclone']}",
     }
+    if files == 1:  # the same library with its own defaults: what our code adds on top of it
+        peer = r.sftp_peer()
+        commands["paramiko get"] = (
+            f"{VENV_BIN / 'python'} {BENCH / 'paramiko_get.py'} {peer.host} {peer.port} "
+            f"{peer.user} {peer.user_key} {peer.known_hosts} {path} "
+            f"{dst['paramiko'] / path.name}"
+        )
     tool_dir = dict(zip(commands, dst.values(), strict=True))
     # sync: no run starts with another run's writeback pending (a tool that flushes, as ours
     # does before its renames, would otherwise pay for the previous tool's unflushed files)
@@ -444,8 +452,11 @@ def bench_sftp(r: Runner, res: ItemResult, label: str, files: int, size: int) ->
                 metric=f"throughput, 1 x {total / MB:.0f} MB (mean of {runs})",
                 ours=f"{mbps['smt-droplet sync']:.0f} MB/s ({t_ours:.2f} s)",
                 baseline=f"sftp {mbps['OpenSSH sftp']:.0f} MB/s ({t_sftp:.2f} s); "
-                f"rclone {mbps['rclone copy']:.0f} MB/s ({t_rclone:.2f} s)",
-                ratio=f"{ratio:.2f}x sftp; {t_rclone / t_ours:.2f}x rclone",
+                f"rclone {mbps['rclone copy']:.0f} MB/s ({t_rclone:.2f} s); "
+                f"paramiko get {mbps['paramiko get']:.0f} MB/s "
+                f"({stats['paramiko get']['mean']:.2f} s)",
+                ratio=f"{ratio:.2f}x sftp; {t_rclone / t_ours:.2f}x rclone; "
+                f"{stats['paramiko get']['mean'] / t_ours:.2f}x paramiko get",
                 target="≥ 0.9x sftp, ≥ 1.0x rclone",
                 met=yes_no(ratio >= 0.9 and t_rclone >= t_ours),
             )

@@ -54,6 +54,23 @@ def test_short_answers_are_asked_again(
     assert (inbox / "short.csv").read_bytes() == data
 
 
+def test_aes_gcm_is_negotiated_where_paramiko_has_it(sftp_peer: SftpPeer, tmp_path: Path) -> None:
+    """paramiko lists AES-GCM after the CTR ciphers (which need an HMAC per packet); the mirror
+    asks for it first, and OpenSSH agrees. A paramiko without it (Debian 12's 2.12) gets CTR."""
+    settings = settings_for(sftp_peer, tmp_path)
+    transport = connect(settings, load_private_key(settings.key))
+    try:
+        has_gcm = "aes128-gcm@openssh.com" in paramiko.Transport._preferred_ciphers
+        expected = "aes128-gcm@openssh.com" if has_gcm else "aes128-ctr"
+        assert (transport.remote_cipher, transport.local_cipher) == (expected, expected)
+        with paramiko.SFTPClient.from_transport(transport) as sftp:  # and it carries data
+            assert sftp is not None and sftp.listdir(str(sftp_peer.root)) == []
+    finally:
+        transport.close()
+    # The client's own default order is left as it was for every other transport.
+    assert paramiko.Transport._preferred_ciphers[0] == "aes128-ctr"
+
+
 def test_file_that_shrank_reads_short(sftp_peer: SftpPeer, tmp_path: Path) -> None:
     """A file truncated after it was listed: the read stops at EOF and reports fewer bytes
     (the mirror then discards it as changed, see test_sync)."""
