@@ -566,7 +566,7 @@ def bench_idle(r: Runner, res: ItemResult) -> None:
 def _idle_after_own_posts(
     r: Runner, res: ItemResult, remote: Path, n: int, legacy_point: dict[str, Any]
 ) -> dict[str, Any]:
-    """The same N files, but posted by our own pass (so the ledger's sidecar holds each post's
+    """The same N files, but posted by our own pass (so the ledger's post log holds each post's
     record: the app's id, ESIID, the CSV summary), then an idle pass: the steady state of a
     droplet after years, where the growth curve's inboxes (a legacy ledger of digests only)
     are the state right after a takeover."""
@@ -582,19 +582,21 @@ def _idle_after_own_posts(
     command = f"{CLI} ingest --env-file {env_file}"
     stats = r.hyperfine(f"own-{n}", {"idle pass": command}, runs=3, warmup=1)["idle pass"]
     _, rss, _ = r.time_v(shlex.split(command))
-    sidecar = local / ".posted_sha256.json"
+    sidecar, log = local / ".posted_sha256.json", local / ".posted_sha256.posts.jsonl"
     point = {
         "mean_s": stats["mean"],
         "stddev_s": stats["stddev"],
         "rss_kb": rss,
         "sidecar_bytes": sidecar.stat().st_size if sidecar.is_file() else 0,
+        "post_log_bytes": log.stat().st_size if log.is_file() else 0,
     }
     res.rows.append(
         Row(
             item=res.item,
             metric=f"idle pass, {n} files of 2-8 KB posted by our own pass (mean of 3)",
             ours=f"{point['mean_s']:.2f} s (± {point['stddev_s']:.2f}), "
-            f"peak RSS {rss / 1024:.0f} MB (sidecar {point['sidecar_bytes'] / MB:.1f} MB)",
+            f"peak RSS {rss / 1024:.0f} MB (sidecar {point['sidecar_bytes'] / MB:.1f} MB, "
+            f"post log {point['post_log_bytes'] / MB:.1f} MB, not read by a pass)",
             baseline=f"the same files under a legacy ledger only: {legacy_point['mean_s']:.2f} s, "
             f"{legacy_point['rss_kb'] / 1024:.0f} MB",
             ratio=f"{rss / legacy_point['rss_kb']:.2f}x the peak RSS",

@@ -5,6 +5,7 @@ retention (``retention.py``), the free-space guard, remote completion
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from helpers import fast_env
 
 from smt_droplet.config import ConfigError, LifecycleSettings, SftpSettings
 from smt_droplet.ingest import run_pass
-from smt_droplet.ledger import Ledger, read_retired
+from smt_droplet.ledger import posts_path, read_retired
 
 ESIID = "10443720000000077"
 OTHER = "10443720000000085"
@@ -38,13 +39,13 @@ def _messages(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
 
 def _age_posts(state: Path, days: float, path: str | None = None) -> None:
     """Pretend the app accepted every posted file (or the one at ``path``) ``days`` ago (the
-    sidecar's ``at``)."""
-    ledger = Ledger.load(state)
-    for record in ledger.apps.values():
+    post log's ``at``: one JSON line per post)."""
+    log = posts_path(state)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
         if path is None or record["path"] == path:
             record["at"] = time.time() - days * 86400
-    ledger._dirty = True
-    ledger.save()
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 # -- retention ---------------------------------------------------------------------------------
@@ -229,13 +230,18 @@ def test_the_ledger_is_copied_once_a_day_and_only_the_newest_copies_stay(
     for day in ("2026-01-01", "2026-01-02", "2026-01-03"):
         (copies / f"{state.name}.{day}").write_text("old\n")
         (copies / f"{state.name}.json.{day}").write_text("{}")
+        (copies / f"{state.name}.posts.jsonl.{day}").write_text("")
     keeping = {**env, "SMT_LEDGER_COPIES": "2"}
     assert run_pass(keeping).exit_code == 0
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert sorted(p.name for p in copies.iterdir()) == sorted(
-        f"{state.name}{suffix}.{day}" for suffix in ("", ".json") for day in ("2026-01-03", today)
+        f"{state.name}{suffix}.{day}"
+        for suffix in ("", ".json", ".posts.jsonl")
+        for day in ("2026-01-03", today)
     )
     assert (copies / f"{state.name}.{today}").read_bytes() == state.read_bytes()
+    log = posts_path(state)
+    assert (copies / f"{log.name}.{today}").read_bytes() == log.read_bytes() != b""
     first_copy = (copies / f"{state.name}.{today}").stat().st_mtime_ns
     assert run_pass(keeping).exit_code == 0  # the same day: not copied again
     assert (copies / f"{state.name}.{today}").stat().st_mtime_ns == first_copy

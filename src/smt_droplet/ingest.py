@@ -96,7 +96,8 @@ def post_pending(
     result = result or PassResult()
     started = time.monotonic()
     ledger = Ledger.load(settings.state_file)
-    exclude = [settings.state_file, ledger.sidecar, lock_path_for(settings.state_file)]
+    exclude = [settings.state_file, ledger.sidecar, ledger.posts_log]
+    exclude.append(lock_path_for(settings.state_file))
     if paths:
         items = [inbox_file(p, settings.local_dir) for p in paths]
     else:
@@ -275,7 +276,7 @@ def _stop(result: PassResult, last: FileResult, rest: list[InboxFile]) -> None:
 
 def _save_ledger(ledger: Ledger, result: PassResult) -> None:
     try:
-        ledger.save()
+        ledger.save(move_post_records=True)  # the caller holds the pass lock
     except LedgerError as exc:
         if any(f.outcome == Outcome.UNRECORDED for f in result.files):
             log.warning("ledger sidecar not saved either: %s", exc)

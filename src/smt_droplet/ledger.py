@@ -20,11 +20,21 @@ Two files, two jobs:
     sha256 the last outcome that was not a post: those that settle the bytes (``rejected`` with
     the app's error code, ``too-large`` with both sizes, ``not-csv``, and ``ignored``, the
     operator's tombstone) are not tried again until the file changes or an operator runs
-    ``forget``; ``no-esiid`` and ``failed-will-retry`` are remembered for ``status`` only;
-    ``posted`` — the app's ``id`` and when. Every record also carries the ``esiid``, ``meter``
-    and the file's data ``summary`` (:mod:`smt_droplet.csvdata`) when they are known.
-    A PGP delivery (``.asc``) adds ``via: "pgp"``, the zip ``member`` that was posted and its
-    ``csv_sha256`` to its ``posted``/``outcomes`` record (``smt-droplet status`` shows them).
+    ``forget``; ``no-esiid`` and ``failed-will-retry`` are remembered for ``status`` only.
+    Every record also carries the ``esiid``, ``meter`` and the file's data ``summary``
+    (:mod:`smt_droplet.csvdata`) when they are known. A PGP delivery (``.asc``) adds
+    ``via: "pgp"``, the zip ``member`` that was posted and its ``csv_sha256`` to its record
+    (``smt-droplet status`` shows them).
+``<STATE_FILE>.posts.jsonl`` (the post log)
+    One JSON line per accepted post, appended (``O_APPEND``, one ``write``) right after the
+    digest went into ``STATE_FILE``: ``sha256``, the app's ``id``, ``path``, ``duplicate``,
+    ``at`` and the keys of an outcome record above; a later line for the same digest wins. It
+    grows by ~840 bytes a post and only the readers of post records load it (``status``, the
+    operator page's coverage chart, retention): a pass neither reads it nor rewrites it, so its
+    memory and its sidecar writes do not grow with years of posts. It is fsynced when the
+    sidecar is saved; a torn last line (a crash mid-write) is skipped by readers. ``forget``
+    rewrites it atomically without the forgotten digests. A sidecar of an earlier version kept
+    these records in its ``posted`` section; the next pass moves them into the log.
 ``<STATE_FILE>.retired.json``
     Files retention took out of the inbox (:mod:`smt_droplet.retention`): per inbox path
     ``[size, mtime (whole seconds), sha256, when, archive path or null]``, so the next sync does
@@ -39,6 +49,7 @@ Two files, two jobs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,6 +64,7 @@ from . import durable
 
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 SIDECAR_SUFFIX = ".json"
+POSTS_SUFFIX = ".posts.jsonl"
 RETIRED_SUFFIX = ".retired.json"
 SIDECAR_VERSION = 1
 
@@ -91,26 +103,77 @@ def append_posted(state_file: Path, digest: str) -> None:
     digest = digest.strip().lower()
     if not _DIGEST.match(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
-    state_file = Path(state_file)
+    _append_line(Path(state_file), (digest + "\n").encode("ascii"), sync=True, what="ledger")
+
+
+def _append_line(path: Path, line: bytes, *, sync: bool, what: str) -> None:
+    """Append ``line`` (ending in a newline) in one ``write`` (``O_APPEND``), after a newline of
+    its own if the file ends in a torn line (killed mid-write), so that line cannot swallow this
+    one; ``sync``: fsync before returning."""
     try:
-        fd = os.open(state_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o660)
     except OSError as exc:
-        raise LedgerError(f"cannot open ledger {state_file}: {exc.strerror or exc}") from exc
+        raise LedgerError(f"cannot open {what} {path}: {exc.strerror or exc}") from exc
     try:
-        line = digest + "\n"
         size = os.fstat(fd).st_size
         if size:
-            # A torn last line (killed mid-write by an older tool) must not swallow this digest.
-            with open(state_file, "rb") as reader:
+            with open(path, "rb") as reader:
                 reader.seek(size - 1)
                 if reader.read(1) not in (b"\n", b"\r"):
-                    line = "\n" + line
-        os.write(fd, line.encode("ascii"))
-        os.fsync(fd)
+                    line = b"\n" + line
+        os.write(fd, line)
+        if sync:
+            os.fsync(fd)
     except OSError as exc:
-        raise LedgerError(f"cannot append to ledger {state_file}: {exc.strerror or exc}") from exc
+        raise LedgerError(f"cannot append to {what} {path}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+
+
+def read_post_records(state_file: Path) -> dict[str, dict[str, Any]]:
+    """The post log (module docstring): per digest, the last record appended for it. Torn and
+    garbage lines are skipped; a missing log is empty."""
+    path = posts_path(state_file)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise LedgerError(f"cannot read post log {path}: {exc.strerror or exc}") from exc
+    records: dict[str, dict[str, Any]] = {}
+    for raw in data.splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        if isinstance(digest, str) and is_digest(digest):
+            del record["sha256"]
+            records[digest.strip().lower()] = record
+    return records
+
+
+def _post_line(digest: str, record: Mapping[str, Any]) -> bytes:
+    return json.dumps({"sha256": digest, **record}, sort_keys=True).encode() + b"\n"
+
+
+def _rewrite_post_log(state_file: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replace the post log with ``records`` (atomic: temp file, fsync, rename)."""
+    path = posts_path(state_file)
+    data = b"".join(_post_line(d, r) for d, r in records.items())
+    try:
+        st: os.stat_result | None = path.stat()
+    except OSError:
+        st = None
+    try:
+        durable.write_atomic(
+            path,
+            data,
+            mode=st.st_mode & 0o7777 if st else 0o660,
+            owner=(st.st_uid, st.st_gid) if st else None,
+        )
+    except OSError as exc:
+        raise LedgerError(f"cannot rewrite post log {path}: {exc.strerror or exc}") from exc
 
 
 def remove_digests(state_file: Path, digests: set[str]) -> int:
@@ -167,16 +230,20 @@ class Ledger:
 
     ``posted`` mirrors ``STATE_FILE``; ``record_posted`` appends to the file first and only then
     updates memory. The sidecar is saved by :meth:`save` (end of a pass, and at most every
-    ``save_interval`` seconds during one).
+    ``save_interval`` seconds during one). The post records (:attr:`apps`) are read from the
+    post log the first time something asks for them, never by a pass that only posts.
     """
 
     state_file: Path
     posted: set[str] = field(default_factory=set)
     hashes: dict[str, list[Any]] = field(default_factory=dict)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    apps: dict[str, dict[str, Any]] = field(default_factory=dict)
     retired: dict[str, list[Any]] = field(default_factory=dict)
     save_interval: float = 5.0
+    _apps: dict[str, dict[str, Any]] | None = None  # the post log, once read
+    _legacy_apps: dict[str, dict[str, Any]] = field(default_factory=dict)  # old sidecar's
+    _log_unsynced: bool = False
+    _unlogged: dict[str, dict[str, Any]] = field(default_factory=dict)  # appends that failed
     _dirty: bool = False
     _retired_dirty: bool = False
     _last_save: float = 0.0
@@ -184,6 +251,18 @@ class Ledger:
     @property
     def sidecar(self) -> Path:
         return sidecar_path(self.state_file)
+
+    @property
+    def posts_log(self) -> Path:
+        return posts_path(self.state_file)
+
+    @property
+    def apps(self) -> dict[str, dict[str, Any]]:
+        """Per posted digest, its post record (the app's ``id``, ``at``, ``esiid``, summary):
+        an old sidecar's records, overridden by the post log's."""
+        if self._apps is None:
+            self._apps = {**self._legacy_apps, **read_post_records(self.state_file)}
+        return self._apps
 
     @classmethod
     def load(cls, state_file: Path) -> Ledger:
@@ -198,7 +277,9 @@ class Ledger:
         ledger.outcomes = {
             k: v for k, v in _section(raw, "outcomes").items() if isinstance(v, dict)
         }
-        ledger.apps = {k: v for k, v in _section(raw, "posted").items() if isinstance(v, dict)}
+        ledger._legacy_apps = {
+            k: v for k, v in _section(raw, "posted").items() if isinstance(v, dict)
+        }
         ledger.retired = read_retired(ledger.state_file)
         ledger._last_save = time.monotonic()
         return ledger
@@ -293,11 +374,17 @@ class Ledger:
         """
         append_posted(self.state_file, digest)
         self.posted.add(digest)
-        self.outcomes.pop(digest, None)
+        if self.outcomes.pop(digest, None) is not None:
+            self._dirty = True
         record = dict(extra or {})
         record.update({"id": app_id, "path": rel, "duplicate": duplicate, "at": time.time()})
-        self.apps[digest] = record
-        self._dirty = True
+        try:
+            _append_line(self.posts_log, _post_line(digest, record), sync=False, what="post log")
+            self._log_unsynced = True
+        except LedgerError:  # the post is recorded (STATE_FILE); save() tries again, and says so
+            self._unlogged[digest] = record
+        if self._apps is not None:
+            self._apps[digest] = record
 
     def record_outcome(
         self,
@@ -327,19 +414,59 @@ class Ledger:
     def forget(self, digests: set[str]) -> int:
         """Drop digests from the ledger (atomic rewrite) and their sidecar state."""
         removed = remove_digests(self.state_file, digests)
+        logged = read_post_records(self.state_file)
+        if any(d in logged for d in digests):
+            _rewrite_post_log(
+                self.state_file, {d: r for d, r in logged.items() if d not in digests}
+            )
+            self._log_unsynced = False
         for digest in digests:
             self.posted.discard(digest)
             self.outcomes.pop(digest, None)
-            self.apps.pop(digest, None)
+            self._legacy_apps.pop(digest, None)
+            self._unlogged.pop(digest, None)
+            if self._apps is not None:
+                self._apps.pop(digest, None)
         self._dirty = True
         return removed
 
     # -- persistence --------------------------------------------------------------------------
     def maybe_save(self) -> None:
-        if self._dirty and time.monotonic() - self._last_save >= self.save_interval:
+        if (
+            self._dirty or self._unlogged
+        ) and time.monotonic() - self._last_save >= self.save_interval:
             self.save()
 
-    def save(self) -> None:
+    def save(self, *, move_post_records: bool = False) -> None:
+        """Write what changed: the retired files, the sidecar, and the post log's appends to
+        disk. ``move_post_records`` (a pass, under the pass lock): an old sidecar's post records
+        go into the post log first, and the sidecar is written without them. The post log is
+        flushed even when the sidecar cannot be written; the first failure is raised."""
+        if move_post_records and self._legacy_apps:
+            logged = read_post_records(self.state_file)
+            _rewrite_post_log(self.state_file, {**self._legacy_apps, **logged})
+            self._legacy_apps = {}
+            self._dirty = True
+        self._last_save = time.monotonic()
+        try:
+            self._save_state()
+        except LedgerError:
+            with contextlib.suppress(LedgerError):
+                self._flush_post_log()
+            raise
+        self._flush_post_log()
+
+    def _flush_post_log(self) -> None:
+        """Append the records whose append failed (a full disk), then fsync the log."""
+        for digest, record in list(self._unlogged.items()):
+            _append_line(self.posts_log, _post_line(digest, record), sync=False, what="post log")
+            del self._unlogged[digest]
+            self._log_unsynced = True
+        if self._log_unsynced:
+            _fsync_path(self.posts_log, "post log")
+            self._log_unsynced = False
+
+    def _save_state(self) -> None:
         if self._retired_dirty:
             path = retired_path(self.state_file)
             try:
@@ -349,12 +476,13 @@ class Ledger:
             self._retired_dirty = False
         if not self._dirty:
             return
-        payload = {
+        payload: dict[str, Any] = {
             "version": SIDECAR_VERSION,
             "hashes": self.hashes,
             "outcomes": self.outcomes,
-            "posted": self.apps,
         }
+        if self._legacy_apps:  # not moved yet (a reader's save): kept as it was
+            payload["posted"] = self._legacy_apps
         try:
             durable.write_json_atomic(self.sidecar, payload)
         except OSError as exc:
@@ -366,6 +494,22 @@ class Ledger:
 def sidecar_path(state_file: Path) -> Path:
     state_file = Path(state_file)
     return state_file.with_name(state_file.name + SIDECAR_SUFFIX)
+
+
+def posts_path(state_file: Path) -> Path:
+    state_file = Path(state_file)
+    return state_file.with_name(state_file.name + POSTS_SUFFIX)
+
+
+def _fsync_path(path: Path, what: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LedgerError(f"cannot flush {what} {path}: {exc.strerror or exc}") from exc
 
 
 def retired_path(state_file: Path) -> Path:

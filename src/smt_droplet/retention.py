@@ -26,7 +26,14 @@ from pathlib import Path
 
 from . import durable
 from .config import LifecycleSettings
-from .ledger import Ledger, LedgerError, sidecar_path
+from .ledger import (
+    POSTS_SUFFIX,
+    SIDECAR_SUFFIX,
+    Ledger,
+    LedgerError,
+    posts_path,
+    sidecar_path,
+)
 
 log = logging.getLogger("smt_droplet.ingest")
 
@@ -157,7 +164,7 @@ def _copy_ledger(
         return target
     try:
         copies.mkdir(mode=0o750, exist_ok=True)
-        for source in (ledger, sidecar_path(ledger)):
+        for source in (ledger, sidecar_path(ledger), posts_path(ledger)):
             if source.exists():
                 durable.write_atomic(
                     copies / f"{source.name}.{day}", source.read_bytes(), mode=0o640
@@ -177,7 +184,8 @@ def _drop_old_copies(copies: Path, name: str, keep: int) -> None:
         {p.name.rsplit(".", 1)[1] for p in copies.glob(f"{name}.????-??-??")}, reverse=True
     )
     for day in days[keep:]:
-        for stale in (copies / f"{name}.{day}", copies / f"{name}.json.{day}"):
+        suffixes = ("", SIDECAR_SUFFIX, POSTS_SUFFIX)
+        for stale in (copies / f"{name}{suffix}.{day}" for suffix in suffixes):
             if stale.exists():
                 durable.remove_quietly(stale)
                 log.info("ledger copy %s dropped (SMT_LEDGER_COPIES=%d)", stale, keep)
