@@ -218,7 +218,7 @@ def verify_host_key(settings: SftpSettings, key: paramiko.PKey) -> None:
 
 
 def _prefer_aead_ciphers(transport: paramiko.Transport) -> None:
-    """Offer AES-GCM first where this paramiko has it (3.3 and later: Debian 13's 3.5, not
+    """Offer AES-GCM first where this paramiko has it (3.5.0 and later: Debian 13's 3.5, not
     Debian 12's 2.12). paramiko's own order puts it last, after the CTR ciphers; with CTR every
     32 KiB packet also costs an HMAC and paramiko's byte-by-byte MAC comparison in Python,
     which an AEAD cipher does inside its one decrypt call (bench/README.md, round 4: the
