@@ -96,8 +96,7 @@ def post_pending(
     result = result or PassResult()
     started = time.monotonic()
     ledger = Ledger.load(settings.state_file)
-    exclude = [settings.state_file, ledger.sidecar, ledger.posts_log]
-    exclude.append(lock_path_for(settings.state_file))
+    exclude = ledger.own_files
     if paths:
         items = [inbox_file(p, settings.local_dir) for p in paths]
     else:

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
+from .lock import lock_path_for
 
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 SIDECAR_SUFFIX = ".json"
@@ -158,13 +159,20 @@ def _post_line(digest: str, record: Mapping[str, Any]) -> bytes:
 
 
 def _rewrite_post_log(state_file: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
-    """Replace the post log with ``records`` (atomic: temp file, fsync, rename)."""
-    path = posts_path(state_file)
+    """Replace the post log with ``records``."""
     data = b"".join(_post_line(d, r) for d, r in records.items())
+    _rewrite(posts_path(state_file), data, "post log")
+
+
+def _rewrite(path: Path, data: bytes, what: str) -> None:
+    """Replace ``path`` atomically (temp file, fsync, rename), keeping its mode and owner
+    (``forget`` is often run as root on a file the service owns); a new file gets 0660."""
     try:
         st: os.stat_result | None = path.stat()
-    except OSError:
+    except FileNotFoundError:
         st = None
+    except OSError as exc:
+        raise LedgerError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
         durable.write_atomic(
             path,
@@ -173,7 +181,7 @@ def _rewrite_post_log(state_file: Path, records: Mapping[str, Mapping[str, Any]]
             owner=(st.st_uid, st.st_gid) if st else None,
         )
     except OSError as exc:
-        raise LedgerError(f"cannot rewrite post log {path}: {exc.strerror or exc}") from exc
+        raise LedgerError(f"cannot rewrite {what} {path}: {exc.strerror or exc}") from exc
 
 
 def remove_digests(state_file: Path, digests: set[str]) -> int:
@@ -185,7 +193,6 @@ def remove_digests(state_file: Path, digests: set[str]) -> int:
     state_file = Path(state_file)
     drop = {d.lower() for d in digests}
     try:
-        st = state_file.stat()
         lines = state_file.read_bytes().splitlines()
     except FileNotFoundError:
         return 0
@@ -202,15 +209,7 @@ def remove_digests(state_file: Path, digests: set[str]) -> int:
             kept.append(line.encode("ascii"))
     if removed == 0:
         return 0
-    try:
-        durable.write_atomic(
-            state_file,
-            b"".join(line + b"\n" for line in kept),
-            mode=st.st_mode & 0o7777,
-            owner=(st.st_uid, st.st_gid),
-        )
-    except OSError as exc:
-        raise LedgerError(f"cannot rewrite ledger {state_file}: {exc.strerror or exc}") from exc
+    _rewrite(state_file, b"".join(line + b"\n" for line in kept), "ledger")
     return removed
 
 
@@ -255,6 +254,12 @@ class Ledger:
     @property
     def posts_log(self) -> Path:
         return posts_path(self.state_file)
+
+    @property
+    def own_files(self) -> list[Path]:
+        """The ledger's files, which an inbox scan must never take for deliveries: STATE_FILE,
+        the sidecar, the post log and the pass lock."""
+        return [self.state_file, self.sidecar, self.posts_log, lock_path_for(self.state_file)]
 
     @property
     def apps(self) -> dict[str, dict[str, Any]]:

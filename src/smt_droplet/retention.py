@@ -26,16 +26,12 @@ from pathlib import Path
 
 from . import durable
 from .config import LifecycleSettings
-from .ledger import (
-    POSTS_SUFFIX,
-    SIDECAR_SUFFIX,
-    Ledger,
-    LedgerError,
-    posts_path,
-    sidecar_path,
-)
+from .ledger import POSTS_SUFFIX, SIDECAR_SUFFIX, Ledger, LedgerError
 
 log = logging.getLogger("smt_droplet.ingest")
+
+# What a daily ledger copy holds: STATE_FILE, its sidecar and its post log.
+COPIED_SUFFIXES = ("", SIDECAR_SUFFIX, POSTS_SUFFIX)
 
 COPIES_DIR = ".ledger-copies"
 DAY = 86400.0
@@ -164,7 +160,7 @@ def _copy_ledger(
         return target
     try:
         copies.mkdir(mode=0o750, exist_ok=True)
-        for source in (ledger, sidecar_path(ledger), posts_path(ledger)):
+        for source in (ledger.with_name(ledger.name + s) for s in COPIED_SUFFIXES):
             if source.exists():
                 durable.write_atomic(
                     copies / f"{source.name}.{day}", source.read_bytes(), mode=0o640
@@ -184,8 +180,7 @@ def _drop_old_copies(copies: Path, name: str, keep: int) -> None:
         {p.name.rsplit(".", 1)[1] for p in copies.glob(f"{name}.????-??-??")}, reverse=True
     )
     for day in days[keep:]:
-        suffixes = ("", SIDECAR_SUFFIX, POSTS_SUFFIX)
-        for stale in (copies / f"{name}{suffix}.{day}" for suffix in suffixes):
+        for stale in (copies / f"{name}{suffix}.{day}" for suffix in COPIED_SUFFIXES):
             if stale.exists():
                 durable.remove_quietly(stale)
                 log.info("ledger copy %s dropped (SMT_LEDGER_COPIES=%d)", stale, keep)

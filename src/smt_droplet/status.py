@@ -14,7 +14,6 @@ from .csvdata import brief
 from .filenames import is_upload_name
 from .inbox import scan_inbox
 from .ledger import Ledger, LedgerError
-from .lock import lock_path_for
 from .outcomes import NEEDS_OPERATOR, iso_utc
 from .process import file_digest
 
@@ -56,8 +55,7 @@ def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[st
     """Per-file state from the ledger and the inbox (hashes cached like a pass does; a reader
     that does not own the ledger, the operator page's server, passes ``save_cache=False``)."""
     ledger = Ledger.load(settings.state_file)
-    exclude = [settings.state_file, ledger.sidecar, ledger.posts_log]
-    exclude.append(lock_path_for(settings.state_file))
+    exclude = ledger.own_files
     rows: list[FileStatus] = []
     for item in scan_inbox(settings.local_dir, settings.include, exclude):
         digest = ledger.cached_digest(item.rel, item.size, item.mtime_ns)
