@@ -1,8 +1,18 @@
 #!/usr/bin/env python3
-"""A strict local double of the IntelliWatt inline upload endpoint.
+"""A strict local double of the IntelliWatt SMT upload endpoints, in both of the app's eras.
 
-Implements ``POST /api/admin/smt/pull`` as the team's contract (``INTELLIWATT-CONTRACT.md``)
-describes it, strictly: token (401 without ``ok``; 503 when no token is configured),
+Implements ``POST /api/admin/smt/pull`` (inline) and ``POST /api/admin/smt/raw-upload`` (the
+large-file path) as the project's account of the contract (``docs/intelliwatt-contract.md``)
+describes them. ``era`` picks the app: ``2025-11`` (default) takes inline posts; ``2026-dev`` is
+the later app outside production: an inline post for an ESIID outside ``known_esiids`` (and
+without ``homeId``) answers 400 ``HOME_ID_REQUIRED``; ``production`` is the app as hosted since
+December 2025: the same check first, then 400 ``INLINE_DISABLED`` for every other inline post.
+raw-upload works in every era: token, ``VALIDATION`` of ``filename`` / ``sizeBytes`` / ``sha256``,
+dedupe on the client's sha256 (a repeat is ``duplicate: true`` and is parsed again), and
+``normalizedInline`` computed from the content by ``intelliwatt_store.py`` (the app's parser and
+interval table, with its failure modes switchable).
+
+Inline, strictly: token (401 without ``ok``; 503 when no token is configured),
 content-type, JSON, ``mode`` (anything but ``"inline"`` is recorded as a *pull trigger* and
 answered 400 ``NOT_INLINE_TEST_DOUBLE`` so a test notices), base64 / base64+gzip decoding,
 ``sizeBytes`` against the decompressed length, ESIID (17 digits, one leading/trailing apostrophe
@@ -19,6 +29,10 @@ Test controls, in-process (:class:`IntelliWattDouble`) or over HTTP for other pr
 * ``POST /__double/stall`` ``{"n", "seconds"}`` — the next n upload POSTs sleep before answering.
   A stalled request is still processed (and an upload persisted) after the sleep, even when the
   client has given up meanwhile, as a real slow server would;
+* ``POST /__double/config`` ``{"era", "known_esiids", "window_days", "drop_intervals",
+  "dst_overwrite"}``;
+* ``GET  /__double/assembled`` — raw-upload files put back together from their parts
+  (``content_b64``, ``parts``, ``copies``), and ``GET /__double/intervals`` the interval table;
 * ``POST /__double/reset``.
 
 Stdlib only: this file is copied into containers and run with the system python3.
@@ -50,7 +64,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+try:  # imported as testbed.intelliwatt_double, or run as a script beside it in a container
+    from .intelliwatt_store import IntervalStore
+except ImportError:
+    from intelliwatt_store import IntervalStore  # type: ignore[import-not-found,no-redef]
+
 PULL_PATH = "/api/admin/smt/pull"
+RAW_UPLOAD_PATH = "/api/admin/smt/raw-upload"
+UPLOAD_PATHS = (PULL_PATH, RAW_UPLOAD_PATH)
+ERAS = ("2025-11", "2026-dev", "production")
 CONTROL_PREFIX = "/__double/"
 DEFAULT_TOKEN = "t" * 64
 DEFAULT_MAX_BODY = 4_500_000
@@ -175,7 +197,14 @@ class IntelliWattDouble:
         max_body_bytes: int = DEFAULT_MAX_BODY,
         store_dir: str | None = None,
         keep_content: bool = True,
+        era: str = "2025-11",
+        known_esiids: tuple[str, ...] = (),
     ) -> None:
+        if era not in ERAS:
+            raise ValueError(f"era {era!r}: one of {', '.join(ERAS)}")
+        self.era = era
+        self.known_esiids = set(known_esiids)
+        self.app = IntervalStore()
         self.admin_token = admin_token or None
         self.host = host
         self.port = port
@@ -311,8 +340,40 @@ class IntelliWattDouble:
         with self._lock:
             self._stalls.extend([float(seconds)] * n)
 
+    def configure(
+        self,
+        *,
+        era: str | None = None,
+        known_esiids: Any = None,
+        window_days: Any = "unchanged",
+        drop_intervals: int | None = None,
+        dst_overwrite: bool | None = None,
+    ) -> None:
+        """Switch the era, the ESIIDs the app knows (a house address is registered), and the
+        app's failure modes (``window_days`` None: off)."""
+        if era is not None:
+            if era not in ERAS:
+                raise ValueError(f"era {era!r}: one of {', '.join(ERAS)}")
+            self.era = era
+        if known_esiids is not None:
+            self.known_esiids = {str(e) for e in known_esiids}
+        settings: dict[str, Any] = {}
+        if window_days != "unchanged":
+            settings["window_days"] = window_days
+        if drop_intervals is not None:
+            settings["drop_intervals"] = drop_intervals
+        if dst_overwrite is not None:
+            settings["dst_overwrite"] = dst_overwrite
+        self.app.configure(settings)
+
+    def assembled(self) -> dict[str, dict[str, Any]]:
+        """raw-upload files put back together from their parts (see ``intelliwatt_store``)."""
+        return self.app.assembled()
+
     def reset(self) -> None:
-        """Forget uploads, requests, known sha256s and pending injections."""
+        """Forget uploads, requests, known sha256s, pending injections and the app's table
+        (the era and the known ESIIDs stay)."""
+        self.app.reset()
         with self._lock:
             self._received.clear()
             self._requests.clear()
@@ -362,6 +423,14 @@ class IntelliWattDouble:
                 "the droplet's webhook back"
             )
             return _bad("NOT_INLINE_TEST_DOUBLE", message=msg, mode=data.get("mode")), True
+        if self.era != "2025-11":
+            known = normalize_esiid(data.get("esiid")) in self.known_esiids
+            if not data.get("homeId") and not known:
+                msg = "homeId or a known esiid is required"
+                return _bad("HOME_ID_REQUIRED", message=msg), False
+        if self.era == "production":
+            msg = "Inline uploads are disabled in production. Use droplet large-file path."
+            return _bad("INLINE_DISABLED", message=msg), False
         content_b64 = data.get("content_b64")
         if not isinstance(content_b64, str) or not content_b64:
             return _bad("INLINE_MISSING_B64"), False
@@ -464,6 +533,90 @@ class IntelliWattDouble:
             "message": message,
         }
         return _json_answer(200, response)
+
+    def _handle_raw_upload(self, headers: dict[str, str], body: bytes) -> Answer:
+        """``POST /api/admin/smt/raw-upload`` as the 2026 app answers it."""
+        denied = self._check_auth(headers)
+        if denied is not None:
+            return denied
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = {}  # the app reads a bad body as {} and answers VALIDATION
+        if not isinstance(data, dict):
+            data = {}
+        filename = data.get("filename")
+        size = data.get("sizeBytes", data.get("size_bytes"))
+        sha = data.get("sha256")
+        missing = []
+        if not isinstance(filename, str) or not filename:
+            missing.append("filename (string)")
+        if not isinstance(size, int | float) or isinstance(size, bool):
+            missing.append("size_bytes|sizeBytes (number)")
+        if not isinstance(sha, str) or not sha:
+            missing.append("sha256 (string)")
+        if missing or not isinstance(sha, str):
+            return _json_answer(
+                400,
+                {
+                    "ok": False,
+                    "error": "VALIDATION",
+                    "details": "Missing or invalid required fields",
+                    "missing": missing,
+                    "receivedKeys": list(data),
+                },
+            )
+        encoded = data.get("contentBase64")
+        try:
+            content = base64.b64decode(encoded or "")  # Node's decoder: lenient
+        except (binascii.Error, ValueError):
+            content = b""
+        esiid = data.get("esiid") if isinstance(data.get("esiid"), str) else None
+        record = {
+            "filename": filename,
+            "sizeBytes": size,
+            "sha256": sha,
+            "esiid": (esiid or "").strip() or None,
+            "meter": data.get("meter"),
+            "source": data.get("source") or "adhocusage",
+            "postIngest": data.get("postIngest") is True,
+            "sha256_matches": hashlib.sha256(content).hexdigest() == sha,
+            "size_matches": size == len(content),
+            "body_bytes": len(body),
+            "received_at": _utc_now_iso(),
+            "path": RAW_UPLOAD_PATH,
+        }
+        duplicate, normalized = self.app.accept(record, content)
+        with self._lock:
+            previous = self._by_sha.get("raw:" + sha)
+            record_id = previous["id"] if previous else str(self._next_id)
+            if previous is None:
+                self._next_id += 1
+                self._by_sha["raw:" + sha] = {"id": record_id}
+            entry = {
+                **record,
+                "id": record_id,
+                "duplicate": duplicate,
+                "normalizedInline": normalized,
+                "content": content,
+            }
+            self._persist(entry)
+            if not self.keep_content:
+                entry["content"] = None
+            self._received.append(entry)
+            self._arrived.notify_all()
+        answer: dict[str, Any] = {"ok": True}
+        if duplicate:
+            answer["duplicate"] = True
+        answer.update(
+            id=record_id,
+            filename=filename,
+            sizeBytes=size,
+            sha256=sha,
+            createdAt=record["received_at"],
+            normalizedInline=normalized,
+        )
+        return _json_answer(200, answer)
 
     def _persist(self, record: dict[str, Any]) -> None:
         """With ``store_dir``: the file (new ones only) and one JSON line per accepted upload."""
@@ -622,7 +775,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._control_post(path)
             return
         started = time.monotonic()
-        if path != PULL_PATH:
+        if path not in UPLOAD_PATHS:
             body = self._read_body_or_close(None)
             self._finish(started, _json_answer(404, {"error": "Not Found"}), len(body or b""))
             return
@@ -645,6 +798,10 @@ class _Handler(BaseHTTPRequestHandler):
         injected = self.double._take_failure()
         if injected is not None:
             self._finish(started, _injected_answer(injected), len(body), {"injected": True})
+            return
+        if path == RAW_UPLOAD_PATH:
+            answer = self.double._handle_raw_upload(self._lower_headers(), body)
+            self._finish(started, answer, len(body))
             return
         answer, trigger = self.double._handle_pull(self._lower_headers(), body)
         extra: dict[str, Any] = {"pull_trigger": True} if trigger else {}
@@ -672,7 +829,23 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path == CONTROL_PREFIX + "requests":
             self._send(_json_answer(200, {"requests": self.double.requests()}))
             return
-        if parts.path == PULL_PATH:
+        if parts.path == CONTROL_PREFIX + "assembled":
+            files = {
+                name: {
+                    "parts": f["parts"],
+                    "copies": f["copies"],
+                    "content_b64": None
+                    if f["content"] is None
+                    else base64.b64encode(f["content"]).decode("ascii"),
+                }
+                for name, f in self.double.assembled().items()
+            }
+            self._send(_json_answer(200, {"files": files}))
+            return
+        if parts.path == CONTROL_PREFIX + "intervals":
+            self._send(_json_answer(200, {"intervals": self.double.app.stored()}))
+            return
+        if parts.path in UPLOAD_PATHS:
             self._send(_json_answer(405, {"error": "Method Not Allowed"}, {"Allow": "POST"}))
             return
         if parts.path in ("/healthz", CONTROL_PREFIX + "health"):
@@ -708,6 +881,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.double.stall_next(int(data.get("n", 1)), float(data["seconds"]))
             elif name == "reset":
                 self.double.reset()
+            elif name == "config":
+                self.double.configure(
+                    era=data.get("era"),
+                    known_esiids=data.get("known_esiids"),
+                    window_days=data.get("window_days", "unchanged"),
+                    drop_intervals=data.get("drop_intervals"),
+                    dst_overwrite=data.get("dst_overwrite"),
+                )
             else:
                 self._send(_json_answer(404, {"error": "Not Found"}))
                 return
@@ -744,6 +925,18 @@ def main(argv: list[str] | None = None) -> int:
         "--no-token", action="store_true", help="run without a token: every upload gets 503"
     )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    parser.add_argument(
+        "--era",
+        choices=ERAS,
+        default="2025-11",
+        help="the app's era: production refuses inline posts (INLINE_DISABLED)",
+    )
+    parser.add_argument(
+        "--known-esiid",
+        action="append",
+        default=[],
+        help="an ESIID the app knows (production inline: others get HOME_ID_REQUIRED)",
+    )
     parser.add_argument("--store-dir", help="write accepted files and received.jsonl here")
     parser.add_argument(
         "--no-keep-content",
@@ -764,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         store_dir=args.store_dir,
         keep_content=not args.no_keep_content,
+        era=args.era,
+        known_esiids=tuple(args.known_esiid),
     )
     double.start()
     log.info(

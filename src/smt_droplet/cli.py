@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError
+from .config import DELIVERIES, ConfigError
 from .envfile import EnvFileError, load_environment
 from .logsafety import protect_logging, secrets_in
 from .outcomes import ExitCode
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "summary; files that need an operator first",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--landing",
+        metavar="VERDICTS",
+        help="only posted files with these landing verdicts, comma-separated "
+        "(exact, short, none, mismatch, unverified, no-verdict)",
+    )
     target_help = (
         "a file (as given, or relative to the inbox, as status prints it), its sha256, or a "
         "unique prefix of at least 6 hex digits"
@@ -137,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esiid", help="ESIID to attribute the file to (17 digits)")
     p.add_argument("--meter", help="meter id, e.g. M1")
     p.add_argument("--force", action="store_true", help="post even if the ledger has it")
+    p.add_argument(
+        "--delivery",
+        choices=DELIVERIES,
+        help="the app's endpoint for this post (default: SMT_DELIVERY, else inline)",
+    )
+    p = add(
+        "resend",
+        "send posted files again on purpose (after the app's parser was fixed or its data "
+        "purged): list a selection, and with --yes queue it for the next pass",
+    )
+    p.add_argument(
+        "--landing", metavar="VERDICTS", help="landing verdicts, e.g. short,none (see status)"
+    )
+    p.add_argument("--esiid", help="files posted as this ESIID")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="files with data on or after this day")
+    p.add_argument("--until", metavar="YYYY-MM-DD", help="files with data on or before this day")
+    p.add_argument("--all", action="store_true", help="every posted file still in the inbox")
+    p.add_argument("--yes", action="store_true", help="queue them (without it: only list them)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.epilog = (
+        "Criteria combine (all must hold). The next pass posts each file again and records the "
+        "app's new answer and landing verdict; on the droplet smt-ingest.path starts it at once. "
+        "Files retention took out of the inbox are listed but cannot be sent from here."
+    )
     p = add(
         "notify",
         "send an alert: `failure UNIT` (OnFailure=) or `check` (staleness, files that need an "

@@ -8,6 +8,7 @@ becomes one log line and exit 2 in ``cli.main``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import actions
+from . import actions, resend
 from .config import (
     ConfigError,
     InboxSettings,
@@ -79,6 +80,14 @@ def run_sync_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
 
 def run_status_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
     report = status_report(InboxSettings.from_env(env))
+    if getattr(args, "landing", None):
+        wanted = resend.Selection.parse(landing=args.landing).landing
+        report["files"] = [
+            row
+            for row in report["files"]
+            if row["state"] == "posted"
+            and ((row.get("landing") or {}).get("verdict") or "no-verdict") in wanted
+        ]
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -174,8 +183,45 @@ def _operator() -> str:
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
 
 
+def run_resend_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
+    """List the selection; with ``--yes`` queue it for the next pass."""
+    inbox = InboxSettings.from_env(env)
+    selection = resend.Selection.parse(
+        landing=args.landing,
+        esiid=args.esiid,
+        since=args.since,
+        until=args.until,
+        everything=args.all,
+    )
+    chosen = resend.select(Ledger.load(inbox.state_file), inbox.local_dir, selection)
+    queued = 0
+    if args.yes and chosen.files:
+        queued = resend.queue(inbox.spool_dir, chosen.files, f"resend by {_operator()}")
+    if args.json:
+        out = {"files": chosen.files, "not_in_inbox": chosen.gone, "queued": queued}
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return ExitCode.OK
+    for row in chosen.files:
+        print(
+            f"{'queued' if queued else 'would resend'} {row['path']} landing={row['landing']} "
+            f"esiid={row['esiid'] or '-'} sha256={row['sha256'][:12]} {row['detail']}".rstrip()
+        )
+    for row in chosen.gone:
+        print(f"not in the inbox (retired) {row['path']} landing={row['landing']}: cannot resend")
+    if queued:
+        print(f"{queued} file(s) queued: the next pass posts them again")
+    elif chosen.files:
+        print(f"{len(chosen.files)} file(s) selected; nothing sent: add --yes to queue them")
+    else:
+        print("no posted file in the inbox matches")
+    return ExitCode.OK
+
+
 def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
     settings = PostSettings.from_env(env)
+    if getattr(args, "delivery", None):
+        settings = dataclasses.replace(settings, delivery=args.delivery)
     pgp = PgpSettings.from_env(env)
     if args.esiid and normalize_esiid(args.esiid) is None:
         raise ConfigError(f"--esiid {args.esiid!r} is not 17 digits")
@@ -215,4 +261,5 @@ HANDLERS = {
     "forget": run_forget_command,
     "post": run_post_command,
     "ignore": run_ignore_command,
+    "resend": run_resend_command,
 }

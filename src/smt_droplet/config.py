@@ -21,6 +21,10 @@ DEFAULT_INCLUDE = ("*.csv", "*.csv.*", "*DailyMeterUsage*.asc", "*IntervalMeterU
 DEFAULT_SPOOL_DIR = "/var/spool/smt-ingest"
 LEDGER_BASENAME = ".posted_sha256"
 ENCODINGS = ("base64+gzip", "base64")
+DELIVERIES = ("inline", "raw-upload")  # the app's two endpoints (docs/intelliwatt-contract.md)
+PULL_PATH = "/api/admin/smt/pull"
+RAW_UPLOAD_PATH = "/api/admin/smt/raw-upload"
+DEFAULT_WAITING_RETRY = 6 * 3600.0  # a file the app cannot place yet (HOME_ID_REQUIRED)
 HOST_KEY_POLICIES = ("reject", "accept-new")
 DEFAULT_LOCK_WAIT = 300.0
 DEFAULT_STALE_AFTER = 3 * 3600.0
@@ -467,10 +471,13 @@ class PostSettings:
     retry_max_delay: float = 30.0
     retry_after_max: float = 60.0
     lock_wait: float = DEFAULT_LOCK_WAIT
+    delivery: str = "inline"  # SMT_DELIVERY: inline (/pull) or raw-upload (the large-file path)
+    waiting_retry: float = DEFAULT_WAITING_RETRY  # SMT_WAITING_RETRY_SECONDS
 
     @property
     def endpoint(self) -> str:
-        return self.base_url.rstrip("/") + "/api/admin/smt/pull"
+        path = RAW_UPLOAD_PATH if self.delivery == "raw-upload" else PULL_PATH
+        return self.base_url.rstrip("/") + path
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PostSettings:
@@ -491,6 +498,8 @@ class PostSettings:
             retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
             retry_after_max=_float(env, "SMT_RETRY_AFTER_MAX", 60.0),
             lock_wait=lock_wait(env),
+            delivery=_choice(env, "SMT_DELIVERY", DELIVERIES),
+            waiting_retry=_float(env, "SMT_WAITING_RETRY_SECONDS", DEFAULT_WAITING_RETRY),
         )
 
 

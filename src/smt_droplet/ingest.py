@@ -114,6 +114,7 @@ def post_pending(
         if not check:
             _save_ledger(ledger, result)
         result.inbox_needs_operator = len(ledger.needing_operator(NEEDS_OPERATOR))
+        result.inbox_waiting = len(ledger.needing_operator(frozenset({Outcome.WAITING})))
         result.post_seconds = time.monotonic() - started
     return result
 
@@ -258,7 +259,7 @@ def _post_each(
             _stop(result, r, items[index + 1 :])
             return
         if r.outcome == Outcome.FATAL:
-            result.fatal = f"{r.path}: {r.reason} — check ADMIN_TOKEN / the app's configuration"
+            result.fatal = f"{r.path}: {r.reason}"
             log.error("stopping the pass: %s", result.fatal)
             r.outcome = Outcome.NOT_ATTEMPTED
             _stop(result, r, items[index + 1 :])

@@ -377,8 +377,9 @@ class Ledger:
         ``extra`` goes into the sidecar record too (a PGP delivery: ``via``, ``member``,
         ``csv_sha256``); it never replaces the keys above.
         """
-        append_posted(self.state_file, digest)
-        self.posted.add(digest)
+        if digest not in self.posted:  # a re-send on purpose: STATE_FILE keeps one line
+            append_posted(self.state_file, digest)
+            self.posted.add(digest)
         if self.outcomes.pop(digest, None) is not None:
             self._dirty = True
         record = dict(extra or {})

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .landing import VERDICTS
 from .outcomes import Outcome
 
 log = logging.getLogger("smt_droplet.ingest")
@@ -136,6 +137,25 @@ def write_pass_metrics(directory: Path, record: Mapping[str, Any]) -> Path | Non
         "Posted files whose remote completion failed in the last pass (tried again).",
         record.get("remote_completion_failed"),
     )
+    gauge(
+        "smt_ingest_last_pass_intervals_landed",
+        "Intervals the app says it stored of the CSVs the last pass posted (raw-upload answers).",
+        record.get("intervals_landed"),
+    )
+    gauge(
+        "smt_ingest_files_waiting_for_app",
+        "Inbox files the app cannot place yet (HOME_ID_REQUIRED: an ESIID it does not know).",
+        record.get("waiting_for_app"),
+    )
+    landed = Gauge(
+        "smt_ingest_last_pass_files_landed",
+        "Files the last pass posted, by landing verdict (what the app says it stored).",
+        ["verdict"],
+        registry=registry,
+    )
+    verdicts = record.get("landing") or {}
+    for verdict in VERDICTS:
+        landed.labels(verdict=verdict).set(verdicts.get(verdict, 0))
     counts = record.get("counts") or {}
     files = Gauge(
         "smt_ingest_last_pass_files",

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import durable, spool
 from .config import ConfigError, NotifySettings
+from .landing import NOT_LANDED
 from .outcomes import iso_utc
 from .passrecord import verdict
 
@@ -138,7 +139,7 @@ def describe_last(record: dict[str, Any] | None) -> str:
     if record.get("sync_error"):
         parts.append("The SFTP sync failed.")
     if record.get("fatal"):
-        parts.append("The pass stopped on a configuration error (token, key or host key).")
+        parts.append(f"The pass stopped on a configuration error: {record['fatal']}")
     last = record.get("last_success_ts")
     if isinstance(last, int | float):
         parts.append(f"Last success: {iso_utc(last)}.")
@@ -184,6 +185,21 @@ def check(settings: NotifySettings) -> list[str]:
             "`ignore FILE --reason TEXT`."
         )
         if notifier.alert(key, f"{waiting} file(s) need an operator", text):
+            done.append(key)
+    short = [
+        f"{f['path']} ({(f.get('landing') or {}).get('detail')})"
+        for f in (record or {}).get("files") or []
+        if (f.get("landing") or {}).get("verdict") in NOT_LANDED
+    ]
+    if short:
+        key = "not-landed:" + ",".join(sorted(short))[:200]
+        text = (
+            f"The app did not store all intervals of {len(short)} file(s): "
+            + "; ".join(short[:10])
+            + ". See `smt-droplet status --landing short,none,mismatch`; once the app is fixed, "
+            "`smt-droplet resend --landing short,none --yes`."
+        )
+        if notifier.alert(key, f"{len(short)} file(s) did not land whole", text):
             done.append(key)
     return done
 

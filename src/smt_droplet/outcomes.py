@@ -13,6 +13,10 @@ Exit codes (every command; systemd shows anything but 0 as a failed run):
 * 2 — configuration error (missing/malformed setting, unreadable key, unknown/changed host key,
   401/503 from the app).
 
+Files **waiting for the app** (:data:`WAITING_OUTCOMES`: the app answered
+``HOME_ID_REQUIRED``, it has no house for the ESIID yet) do not fail the pass either: they are
+retried every ``SMT_WAITING_RETRY_SECONDS`` (6 h) until the app knows the customer.
+
 Files that **need an operator** (:data:`NEEDS_OPERATOR`: no ESIID, rejected by the app, too
 large, not a CSV, an undecryptable PGP delivery) do not fail the pass: retrying cannot fix them.
 They are logged as a warning the first time a pass meets them, counted in every summary line,
@@ -58,7 +62,9 @@ class Outcome(StrEnum):
     WOULD_POST = "would-post"  # check mode
     NOT_ATTEMPTED = "not-attempted"  # the pass stopped before this file
     UNRECORDED = "posted-unrecorded"  # the app answered 200 but the ledger append failed
-    FATAL = "fatal"  # 401/503: the token or the app is misconfigured; the pass stops
+    FATAL = "fatal"  # 401/503/INLINE_DISABLED: the token or the app's setup; the pass stops
+    WAITING = "waiting-for-app"  # HOME_ID_REQUIRED: the app does not know the ESIID yet
+    SKIPPED_WAITING = "skipped-waiting"  # waiting, and not due for its slow retry yet
 
 
 RETRY_OUTCOMES = frozenset({Outcome.FAILED, Outcome.NOT_ATTEMPTED, Outcome.UNRECORDED})
@@ -81,6 +87,9 @@ SETTLED_STATES = {
     Outcome.IGNORED: Outcome.IGNORED,
 }
 ACCEPTED_OUTCOMES = frozenset({Outcome.POSTED, Outcome.DUPLICATE})
+# Files the app cannot take yet for a reason it can heal by itself (the customer's address is
+# added in the app): retried every SMT_WAITING_RETRY_SECONDS without an operator.
+WAITING_OUTCOMES = frozenset({Outcome.WAITING, Outcome.SKIPPED_WAITING})
 # The order of the summary line (other outcomes follow, sorted).
 SUMMARY_ORDER = (
     Outcome.POSTED,
@@ -90,6 +99,7 @@ SUMMARY_ORDER = (
     Outcome.TOO_LARGE,
     Outcome.FAILED,
     Outcome.NO_ESIID,
+    Outcome.WAITING,
     Outcome.IGNORED,
 )
 
@@ -109,6 +119,7 @@ class FileResult:
     member: str | None = None  # PGP delivery: the zip entry that was (or would be) posted
     summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of what was posted
     reported_before: bool = False  # needs an operator, and an earlier pass already said so
+    landing: dict[str, Any] | None = None  # landing.Landing.to_dict(): what the app stored
 
     @property
     def needs_operator(self) -> bool:
@@ -135,6 +146,7 @@ class PassResult:
     inbox_files: int = 0  # files the pass looked at (the whole inbox unless given paths)
     inbox_bytes: int = 0
     inbox_needs_operator: int | None = None  # the whole inbox's, from the ledger
+    inbox_waiting: int | None = None  # the whole inbox's files waiting for the app
     retired: int = 0  # files retention took out of the inbox
     remote_completed: int = 0  # files deleted or moved on SFTP after their post
     remote_completion_failed: int = 0
@@ -199,6 +211,11 @@ class PassResult:
                 len(self.needing_operator())
                 if self.inbox_needs_operator is None
                 else self.inbox_needs_operator
+            ),
+            "waiting_for_app": (
+                sum(f.outcome in WAITING_OUTCOMES for f in self.files)
+                if self.inbox_waiting is None
+                else self.inbox_waiting
             ),
             "downloaded": len(self.sync.downloaded) if self.sync is not None else None,
             "sync_error": self.sync_error,

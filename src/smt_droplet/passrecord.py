@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,15 +93,22 @@ def _brief(f: FileResult) -> dict[str, Any]:
         "app_id": f.app_id,
         "reason": f.reason,
         "needs_operator": f.needs_operator,
+        "landing": f.landing,
     }
 
 
-def _data(result: PassResult) -> dict[str, int]:
-    """What the data summaries of the files this pass posted add up to."""
-    posted = [f.summary for f in result.files if f.summary and f.outcome in ACCEPTED_OUTCOMES]
+def _data(result: PassResult) -> dict[str, Any]:
+    """What the data summaries of the files this pass posted add up to, and what the app says
+    it stored of them (``intervals_landed`` counts only files the app gave a count for)."""
+    accepted = [f for f in result.files if f.outcome in ACCEPTED_OUTCOMES]
+    posted = [f.summary for f in accepted if f.summary]
+    landings = [f.landing for f in accepted if f.landing]
+    counted = [(x.get("app") or {}).get("intervals") for x in landings]
     return {
         "intervals_posted": sum(int(s.get("intervals_present", 0)) for s in posted),
         "intervals_missing": sum(int(s.get("intervals_missing", 0)) for s in posted),
         "files_with_gaps": sum(1 for s in posted if s.get("gap_day_count")),
         "files_layout_unknown": sum(1 for s in posted if s.get("layout") == "unknown"),
+        "intervals_landed": sum(int(n) for n in counted if isinstance(n, int)),
+        "landing": dict(Counter(str(x.get("verdict")) for x in landings)),
     }

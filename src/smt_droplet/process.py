@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import landing
 from .attribution import HEAD_BYTES, attribute
 from .config import ConfigError, PgpSettings, PostSettings
 from .csvdata import brief, sniff, summarize
 from .esiid import esiid_from_name, meter_from_name, normalize_esiid
 from .inbox import InboxFile
 from .ledger import Ledger
-from .outcomes import ACCEPTED_OUTCOMES, SETTLED_STATES, FileResult, Outcome
+from .outcomes import ACCEPTED_OUTCOMES, SETTLED_STATES, WAITING_OUTCOMES, FileResult, Outcome
 from .pgp_delivery import DeliveryError, ExtractedCsv, extract, looks_armored
 from .plan import RunPlan
 
@@ -82,7 +84,13 @@ def process_file(
     ``esiid``/``meter`` are explicit operator overrides (``post --esiid``); they beat everything.
     """
     result = FileResult(path=item.rel, outcome=Outcome.NOT_ATTEMPTED, size=item.size)
-    data = _unsettled_bytes(ctx.ledger, item, result, force=force or ctx.plan.forces(item.rel))
+    data = _unsettled_bytes(
+        ctx.ledger,
+        item,
+        result,
+        force=force or ctx.plan.forces(item.rel),
+        retry_every=ctx.settings.waiting_retry,
+    )
     if data is None:
         return result
     defaults: Defaults = [
@@ -108,7 +116,7 @@ def process_file(
 
 
 def _unsettled_bytes(
-    ledger: Ledger, item: InboxFile, result: FileResult, *, force: bool
+    ledger: Ledger, item: InboxFile, result: FileResult, *, force: bool, retry_every: float
 ) -> bytes | None:
     """The file's bytes if it still needs posting; ``None`` once ``result`` says why not."""
     digest = ledger.cached_digest(item.rel, item.size, item.mtime_ns)
@@ -120,7 +128,7 @@ def _unsettled_bytes(
             _unreadable(result, exc)
             return None
     result.sha256 = digest
-    if not force and _settled(ledger, digest, result):
+    if not force and _settled(ledger, digest, result, retry_every):
         return None
     if data is None:
         try:
@@ -140,12 +148,21 @@ def _unreadable(result: FileResult, exc: OSError) -> None:
     result.outcome, result.reason = Outcome.FAILED, f"cannot read: {exc.strerror or exc}"
 
 
-def _settled(ledger: Ledger, digest: str, result: FileResult) -> bool:
-    """Already posted, refused before for a reason the same bytes cannot fix, or ignored."""
+def _settled(ledger: Ledger, digest: str, result: FileResult, retry_every: float) -> bool:
+    """Already posted, refused before for a reason the same bytes cannot fix, ignored, or
+    waiting for the app and not due for its slow retry yet."""
     if ledger.is_posted(digest):
         result.outcome = Outcome.SKIPPED_POSTED
         return True
     previous = ledger.outcome(digest)
+    if previous is not None and previous.status == Outcome.WAITING:
+        if time.time() - previous.at < retry_every:
+            record = ledger.outcomes.get(digest) or {}
+            result.outcome, result.reason = Outcome.SKIPPED_WAITING, previous.reason
+            result.esiid, result.meter = record.get("esiid"), record.get("meter")
+            result.reported_before = True
+            return True
+        return False
     if previous is None or previous.status not in SETTLED_STATES:
         return False
     result.outcome = SETTLED_STATES[Outcome(previous.status)]
@@ -312,9 +329,11 @@ def _post_and_record(
         meter=result.meter or ctx.settings.meter_default,
         data=data,
         mtime=mtime,
+        summary=result.summary,
     )
     result.app_id = answer.app_id
-    _record(ctx.ledger, result, answer, rel, delivery)
+    result.landing = answer.landing
+    _record(ctx.ledger, result, answer, rel, delivery, ctx.settings.waiting_retry)
 
 
 def _record(
@@ -323,6 +342,7 @@ def _record(
     answer: Any,
     rel: str,
     delivery: ExtractedCsv | None,
+    retry_every: float,
 ) -> None:
     """Write the app's answer (an ``inline_post.PostOutcome``) into the ledger and ``result``."""
     digest = result.sha256
@@ -330,6 +350,10 @@ def _record(
     extra = facts(result)
     if delivery is not None:
         extra.update(via="pgp", member=delivery.member, csv_sha256=delivery.csv_sha256)
+    if answer.landing is not None:
+        extra["landing"] = answer.landing
+    if answer.parts > 1:
+        extra["parts"] = answer.parts
     if answer.outcome in ACCEPTED_OUTCOMES:
         duplicate = answer.outcome == Outcome.DUPLICATE
         if delivery is not None and not ledger.is_posted(delivery.csv_sha256):
@@ -346,11 +370,23 @@ def _record(
     elif answer.outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
         ledger.record_outcome(digest, answer.outcome, answer.reason, rel, extra)
         result.outcome, result.reason = answer.outcome, answer.reason
+    elif answer.outcome == Outcome.WAITING:
+        result.outcome = Outcome.WAITING
+        result.reason = (
+            f"the app does not know ESIID {result.esiid} yet (HOME_ID_REQUIRED): add the "
+            "customer's address in the app; tried again every "
+            f"{_hours(retry_every)}"
+        )
+        ledger.record_outcome(digest, Outcome.WAITING, result.reason, rel, extra)
     elif answer.outcome == Outcome.FATAL:
         result.outcome, result.reason = Outcome.FATAL, answer.reason
     else:
         result.outcome = Outcome.FAILED
         result.reason = f"{answer.reason} (after {answer.attempts} attempts)"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 def new_session() -> Any:
@@ -371,8 +407,11 @@ def log_result(r: FileResult) -> None:
     files would flood the journal; the summary line counts them."""
     data = f" {brief(r.summary)}" if r.summary else ""
     if r.outcome in ACCEPTED_OUTCOMES:
-        log.info(
-            "%s %s esiid=%s meter=%s sha256=%s id=%s%s%s",
+        landed = r.landing or {}
+        not_landed = landed.get("verdict") in landing.NOT_LANDED
+        log.log(
+            logging.WARNING if not_landed else logging.INFO,
+            "%s %s esiid=%s meter=%s sha256=%s id=%s%s %s%s%s",
             r.outcome,
             r.path,
             r.esiid,
@@ -380,8 +419,13 @@ def log_result(r: FileResult) -> None:
             r.sha256,
             r.app_id,
             f" pgp-member={r.member}" if r.member else "",
+            landing.brief(landed),
             data,
+            f" — {landed.get('detail')}" if not_landed else "",
         )
+    elif r.outcome in WAITING_OUTCOMES:
+        level = logging.DEBUG if r.reported_before else logging.WARNING
+        log.log(level, "%s %s %s sha256=%s", r.outcome, r.path, r.reason, r.sha256)
     elif r.outcome in (Outcome.SKIPPED_POSTED, Outcome.IGNORED):
         log.debug("%s %s sha256=%s %s", r.outcome, r.path, r.sha256, r.reason)
     elif r.needs_operator:

@@ -13,6 +13,8 @@ from .config import InboxSettings
 from .csvdata import brief
 from .filenames import is_upload_name
 from .inbox import scan_inbox
+from .landing import NOT_LANDED
+from .landing import brief as landing_brief
 from .ledger import Ledger, LedgerError
 from .outcomes import NEEDS_OPERATOR, iso_utc
 from .process import file_digest
@@ -41,6 +43,7 @@ class FileStatus:
     needs_operator: bool = False
     summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of the posted CSV
     source: str = "sftp"  # "upload" for a name the upload server gave (filenames.is_upload_name)
+    landing: dict[str, Any] | None = None  # posted: landing.Landing.to_dict(), what the app kept
 
 
 def status_report(settings: InboxSettings) -> dict[str, Any]:
@@ -49,6 +52,17 @@ def status_report(settings: InboxSettings) -> dict[str, Any]:
     report["queued_requests"] = spool.depth(settings.spool_dir)
     report["last_ingest"] = spool.read_last_result(settings.spool_dir)
     return report
+
+
+def landing_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Posted files by landing verdict (``no-verdict``: posted before verdicts were kept)."""
+    return dict(
+        Counter(
+            str((r.get("landing") or {}).get("verdict") or "no-verdict")
+            for r in rows
+            if r["state"] == "posted"
+        )
+    )
 
 
 def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[str, Any]:
@@ -74,6 +88,7 @@ def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[st
             log.debug("hash cache not saved: %s", exc)
     seen = {r.sha256 for r in rows}
     rows.sort(key=lambda r: (not r.needs_operator, r.path))
+    files = [asdict(r) for r in rows]
     return {
         "inbox": str(settings.local_dir),
         "state_file": str(settings.state_file),
@@ -81,7 +96,9 @@ def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[st
         "ledger_entries_not_in_inbox": len(ledger.posted - seen),
         "counts": dict(Counter(r.state for r in rows)),
         "needs_operator": sum(r.needs_operator for r in rows),
-        "files": [asdict(r) for r in rows],
+        "waiting_for_app": sum(r.state == "waiting-for-app" for r in rows),
+        "files": files,
+        "landing": landing_counts(files),
     }
 
 
@@ -123,6 +140,8 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
     row.esiid = _str_or_none(info.get("esiid"))
     row.meter = _str_or_none(info.get("meter"))
     row.summary = info.get("summary") if isinstance(info.get("summary"), dict) else None
+    if state == "posted":
+        row.landing = info.get("landing") if isinstance(info.get("landing"), dict) else None
     if info.get("via") == "pgp":
         row.via = "pgp"
         row.member = _str_or_none(info.get("member"))
@@ -148,15 +167,21 @@ def format_report(report: dict[str, Any]) -> list[str]:
             parts.append(f"id={row['app_id']}")
         if row["member"]:
             parts.append(f"pgp-member={row['member']}")
+        if row.get("landing"):
+            parts.append(landing_brief(row["landing"]))
         if row["summary"]:
             parts.append(brief(row["summary"]))
+        if (row.get("landing") or {}).get("verdict") in NOT_LANDED:
+            parts.append(f"landing: {row['landing'].get('detail')}")
         if row["reason"]:
             parts.append(f"reason: {row['reason']}")
         lines.append(" ".join(parts))
     counts = " ".join(f"{k}={v}" for k, v in sorted(report["counts"].items()))
+    landed = " ".join(f"{k}={v}" for k, v in sorted(report.get("landing", {}).items()))
     lines.append(
         f"ledger={report['ledger_entries']} (not in inbox: "
         f"{report['ledger_entries_not_in_inbox']}) {counts} "
         f"needs-operator={report['needs_operator']} queued={report['queued_requests']}"
+        + (f" landed: {landed}" if landed else "")
     )
     return lines
