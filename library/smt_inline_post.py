@@ -1,16 +1,26 @@
 #!/usr/bin/python
-"""Ansible module: post unposted inbox files to IntelliWatt's inline endpoint (thin wrapper)."""
+"""Ansible module: post unposted inbox files to IntelliWatt (inline or raw-upload; thin wrapper)."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
 module: smt_inline_post
-short_description: Post the droplet's unposted SMT files to IntelliWatt (inline, base64+gzip)
+short_description: Post the droplet's unposted SMT files to IntelliWatt (inline or raw-upload)
 description:
   - For every matching file in O(local_dir) (and one level of sub-directories), or only O(paths),
-    that is not in the ledger O(state_file), attributes an ESIID and meter and POSTs it to
-    C(<base_url>/api/admin/smt/pull) with C(mode=inline), exactly as the web app's contract says.
+    that is not in the ledger O(state_file), attributes an ESIID and meter and POSTs it to the
+    web app, exactly as its contract says, by O(delivery) - C(inline) to
+    C(<base_url>/api/admin/smt/pull) (C(mode=inline), base64+gzip), or C(raw-upload) to
+    C(<base_url>/api/admin/smt/raw-upload) in parts that each fit O(max_body_bytes) (whole lines,
+    the header in every part, C(postIngest) on the last). A file counts as posted only when all
+    its parts were accepted.
+  - Each posted file gets a landing verdict from what the app says it stored (raw-upload's
+    C(normalizedInline)) beside the file's own intervals - C(exact), C(short), C(none),
+    C(mismatch), or C(unverified) for inline (its answer carries no count).
+  - 400 C(INLINE_DISABLED) (the hosted app since December 2025) stops at once and fails the task,
+    naming the setting to change; 400 C(HOME_ID_REQUIRED) leaves the file C(waiting-for-app),
+    tried again every C(SMT_WAITING_RETRY_SECONDS) (6 h) until the app knows the ESIID.
   - ESIID from the file name (17 digits starting with C(10)), else the CSV's ESIID column, else
     O(esiid_default); meter from an C(M<digits>) token in the name, else O(meter_default).
   - A 200 C(ok=true) answer (new or duplicate) appends the file's sha256 to O(state_file), which
@@ -57,8 +67,15 @@ options:
   meter_default:
     description: Meter for files without an C(M<digits>) name token (C(METER_DEFAULT)), default M1.
     type: str
+  delivery:
+    description:
+      - The app's endpoint (C(SMT_DELIVERY)) - C(inline) (the default; the contract the droplet was
+        specified with) or C(raw-upload) (the large-file path the hosted app accepts since
+        December 2025).
+    type: str
+    choices: [inline, raw-upload]
   encoding:
-    description: C(base64+gzip) (default) or C(base64) (C(SMT_ENCODING)).
+    description: C(base64+gzip) (default) or C(base64) (C(SMT_ENCODING)); inline only.
     type: str
     choices: [base64+gzip, base64]
   max_body_bytes:
@@ -159,8 +176,8 @@ results:
       description: >-
         C(posted), C(duplicate), C(would-post) (check mode), C(skipped-already-posted),
         C(skipped-rejected), C(skipped-too-large), C(skipped-not-csv), C(ignored),
-        C(rejected), C(too-large), C(not-csv), C(failed-will-retry), C(no-esiid) or
-        C(not-attempted).
+        C(rejected), C(too-large), C(not-csv), C(failed-will-retry), C(no-esiid),
+        C(waiting-for-app), C(skipped-waiting) or C(not-attempted).
       type: str
     sha256:
       description: sha256 of the file's bytes.
@@ -188,6 +205,13 @@ results:
       description: >-
         The data summary of the CSV (layout, ESIIDs, first and last interval, intervals present
         and expected, gap days, estimated share, kWh total); null when not read.
+      type: dict
+    landing:
+      description: >-
+        For a posted file, what the app says it stored - C(verdict) (C(exact), C(short), C(none),
+        C(mismatch), C(unverified)), C(file) and C(app) (intervals, first and last start in UTC,
+        kWh; C(app) also the number of C(parts)), and C(detail) in words (e.g. which span is
+        missing). Null for files not posted by this run.
       type: dict
     needs_operator:
       description: Whether the file waits for a person (see C(needs_operator) below).
@@ -256,6 +280,7 @@ OPTION_ENV = {
     "source": "SOURCE_TAG",
     "esiid_default": "ESIID_DEFAULT",
     "meter_default": "METER_DEFAULT",
+    "delivery": "SMT_DELIVERY",
     "encoding": "SMT_ENCODING",
     "max_body_bytes": "SMT_MAX_BODY_BYTES",
     "include": "SMT_INCLUDE",
@@ -279,6 +304,7 @@ def main() -> None:
             "source": {"type": "str"},
             "esiid_default": {"type": "str"},
             "meter_default": {"type": "str"},
+            "delivery": {"type": "str", "choices": ["inline", "raw-upload"]},
             "encoding": {"type": "str", "choices": ["base64+gzip", "base64"]},
             "max_body_bytes": {"type": "int"},
             "include": {"type": "list", "elements": "str"},
@@ -349,9 +375,7 @@ def _report(module: AnsibleModule, result: PassResult, lines: list[str]) -> None
     }
     if result.fatal:
         out["log"] = trouble(lines)
-        module.fail_json(
-            msg=f"web app refused the token or is misconfigured: {result.fatal}", **out
-        )
+        module.fail_json(msg=f"the web app stopped the pass: {result.fatal}", **out)
     left = [
         f"{f.path}: {f.outcome} {f.reason}".strip()
         for f in result.files

@@ -64,9 +64,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-try:  # imported as testbed.intelliwatt_double, or run as a script beside it in a container
+try:  # imported as testbed.intelliwatt_double, or run as a script beside it (python3 -I too)
     from .intelliwatt_store import IntervalStore
 except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from intelliwatt_store import IntervalStore  # type: ignore[import-not-found,no-redef]
 
 PULL_PATH = "/api/admin/smt/pull"

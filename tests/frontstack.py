@@ -205,6 +205,7 @@ def start_front(root: Path, app_page: Path, foreign_page: Path) -> FrontStack:
         "ADMIN_TOKEN": double.admin_token,
         "INTELLIWATT_BASE_URL": double.url,
         "SMT_HTTP_TIMEOUT": "10",
+        "SMT_DELIVERY": "raw-upload",  # the app as hosted: its answers say what it stored
     }
     path_unit = PathUnit(ingest_env, spool / "queue", root / "ingest.log").start()
     caddyfile = root / "Caddyfile"

@@ -297,6 +297,50 @@ def test_operator_settles_files_that_need_a_person(front: FrontStack, browser: B
     context.close()
 
 
+def test_operator_sees_what_the_app_stored_and_sends_a_short_file_again(
+    front: FrontStack, browser: Browser
+) -> None:
+    from smt_droplet import spool
+
+    esiid, first = "10443720000000077", date(2026, 6, 10)
+    path = front.inbox / default_filename(esiid, first, 3)
+    path.write_bytes(generate_interval_csv(esiid, first, 3, seed=11))
+    front.double.configure(drop_intervals=4)  # the app's parser loses 4 of this file's 288
+    spool.enqueue(front.spool, "cli", reason="test: timer pass")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(front.url("/"))
+    page.fill("#secret", TOKEN)
+    page.click("#sign-in-form button[type=submit]")
+    page.wait_for_selector("#app:not([hidden])")
+    page.select_option("#filter-landing", "short,none,mismatch")
+    row = page.locator(f"#files-table tr[data-sha256='{sha256(path)}']")
+    deadline = time.monotonic() + 60
+    while row.count() == 0 and time.monotonic() < deadline:  # the pass may still run
+        page.click("#filter button[type=submit]")
+        page.wait_for_timeout(500)
+    cell = row.locator("td.landing")
+    assert cell.get_attribute("data-verdict") == "short"
+    assert cell.text_content() == "app 284 / file 288"
+    assert "landing-short" in (cell.get_attribute("class") or "")
+    assert "the app stored 284 of 288 intervals; missing" in (row.text_content() or "")
+    assert (page.text_content("#files-count") or "").startswith("1 file(s);")
+    shot(page, "08-landed-short.png")
+    row.locator("button[data-action=resend]").click()
+    page.wait_for_selector("#confirm[open]")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#action-status:has-text('resend: done by the pass')", timeout=60_000)
+    page.wait_for_selector("#files-count:has-text('0 file(s)')")  # nothing short any more
+    page.select_option("#filter-landing", "exact")
+    page.click("#filter button[type=submit]")
+    exact = page.locator(f"#files-table tr[data-sha256='{sha256(path)}'] td.landing")
+    exact.wait_for()
+    assert exact.text_content() == "app 288 / file 288"
+    assert exact.get_attribute("data-verdict") == "exact"
+    shot(page, "09-sent-again.png")
+    context.close()
+
+
 def _app_upload(browser: Browser, origin: str) -> str:
     page = browser.new_page()
     page.goto(origin + "/")

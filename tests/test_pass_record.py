@@ -169,6 +169,7 @@ def test_every_metric_the_rules_use_is_written(tmp_path) -> None:
         "needs_operator": 0,
         "free_bytes": 10,
         "skipped_no_space": 0,
+        "waiting_for_app": 0,
         "counts": {},
     }
     target = write_pass_metrics(tmp_path, record)

@@ -150,9 +150,9 @@ def test_wrong_token_is_fatal(settings, session, csv_file, webapp) -> None:
 def test_other_4xx_is_rejected_with_the_app_code(settings, session, csv_file, webapp) -> None:
     out = post_file(session, settings, csv_file, esiid="12345", meter="M1")
     assert out.outcome == Outcome.REJECTED and out.reason == "MISSING_ESIID"
-    webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_DISABLED"})
+    webapp.fail_next(1, 400, body={"ok": False, "error": "INLINE_SIZE_MISMATCH"})
     out = post_file(session, settings, csv_file, esiid=ESIID, meter="M1")
-    assert out.outcome == Outcome.REJECTED and out.reason == "INLINE_DISABLED"
+    assert out.outcome == Outcome.REJECTED and out.reason == "INLINE_SIZE_MISMATCH"
     assert out.attempts == 1
 
 

@@ -198,7 +198,12 @@ def run_resend_command(env: Mapping[str, str], args: argparse.Namespace) -> Exit
     if args.yes and chosen.files:
         queued = resend.queue(inbox.spool_dir, chosen.files, f"resend by {_operator()}")
     if args.json:
-        out = {"files": chosen.files, "not_in_inbox": chosen.gone, "queued": queued}
+        out = {
+            "inbox": str(inbox.local_dir),
+            "files": chosen.files,
+            "not_in_inbox": chosen.gone,
+            "queued": queued,
+        }
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
         return ExitCode.OK

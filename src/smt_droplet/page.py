@@ -10,11 +10,13 @@ takes: ``x-smt-upload-token`` (the upload token) or ``x-smt-upload-ticket`` (a t
 ``GET  /api/v1/session``                    who the secret is (role, kind), the size cap
 ``GET  /api/v1/overview``                   last pass, last success, next timer run, queue, disk
 ``GET  /api/v1/files?outcome=&esiid=``      the per-file rows ``smt-droplet status --json``
-                                            prints, newest first (``limit``, default 200)
+                                            prints, newest first (``limit``, default 200;
+                                            ``landing=short,none``: by landing verdict)
 ``GET  /api/v1/files/{sha256}?path=``       one row (``path``: where an upload was stored)
 ``POST /api/v1/files/{sha256}/forget``      queue a decision for the next pass (202);
 ``POST /api/v1/files/{sha256}/ignore``      ``{"reason": ...}``
 ``POST /api/v1/files/{sha256}/post``        ``{"esiid": ..., "meter": ...}``
+``POST /api/v1/files/{sha256}/resend``      send a posted file again (its landing was short)
 ``GET  /api/v1/requests/{id}``             whether a pass has served that queued request
 ``GET  /api/v1/coverage``                   per ESIID: complete / gaps / missing days of 90
 ``GET  /api/v1/coverage/{esiid}.svg``       that ESIID's chart
@@ -204,6 +206,7 @@ class OperatorPage:
     async def files(self, request: web.Request) -> web.Response:
         outcome = request.query.get("outcome", "").strip()
         esiid = request.query.get("esiid", "").strip()
+        landed = {v for v in request.query.get("landing", "").split(",") if v.strip()}
         try:
             limit = min(MAX_ROWS, max(1, int(request.query.get("limit", "200"))))
         except ValueError:
@@ -217,6 +220,8 @@ class OperatorPage:
             rows = [r for r in rows if r["state"] == outcome]
         if esiid:
             rows = [r for r in rows if (r["esiid"] or "").startswith(esiid)]
+        if landed:
+            rows = [r for r in rows if (r.get("landing") or {}).get("verdict") in landed]
         rows.sort(key=lambda r: r["arrived"] or "", reverse=True)
         return web.json_response(
             {
@@ -275,6 +280,17 @@ class OperatorPage:
             if fields["esiid"] is None:
                 return json_error(request, 400, "esiid_required", "post needs a 17-digit ESIID")
             fields.update(filename=rel, reason="page: post with ESIID")
+        elif action == "resend":
+            record = ledger.apps.get(digest) if ledger.is_posted(digest) else None
+            if rel is None or record is None:
+                return json_error(request, 404, "unknown_file", "no posted file in the inbox")
+            fields.update(
+                filename=rel,
+                force_repost=True,
+                esiid=record.get("esiid"),
+                meter=record.get("meter"),
+                reason="page: send again",
+            )
         elif rel is None and not ledger.is_posted(digest) and ledger.outcome(digest) is None:
             return json_error(request, 404, "unknown_file", "the ledger does not know this file")
         try:
@@ -317,7 +333,8 @@ class OperatorPage:
         app.router.add_get(f"{PREFIX}/overview", self.overview)
         app.router.add_get(f"{PREFIX}/files", self.files)
         app.router.add_get(f"{PREFIX}/files/{{sha256}}", self.file)
-        app.router.add_post(f"{PREFIX}/files/{{sha256}}/{{action:forget|ignore|post}}", self.action)
+        actions = "forget|ignore|post|resend"
+        app.router.add_post(f"{PREFIX}/files/{{sha256}}/{{action:{actions}}}", self.action)
         app.router.add_get(f"{PREFIX}/requests/{{id:[0-9A-Za-z-]{{1,64}}}}", self.served)
         app.router.add_get(f"{PREFIX}/coverage", self.coverage)
         app.router.add_get(f"{PREFIX}/coverage/{{esiid:[0-9]{{17}}}}.svg", self.coverage_svg)

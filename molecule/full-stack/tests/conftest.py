@@ -120,6 +120,12 @@ class Bed:
         assert answer.status == 200, answer
         return answer.json()["received"]
 
+    def double_requests(self, filename: str) -> list[dict[str, Any]]:
+        """The double's log of upload requests whose file name starts with ``filename``."""
+        answer = self.http("get", f"{self.double_url}/__double/received")
+        assert answer.status == 200, answer
+        return [r for r in answer.json()["received"] if r["filename"].startswith(filename)]
+
     def posts_of(self, sha256: str) -> list[dict[str, Any]]:
         return [r for r in self.received() if r["sha256"] == sha256]
 

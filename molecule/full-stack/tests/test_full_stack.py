@@ -74,6 +74,12 @@ def test_1_csv_on_peer_posted_exactly_once(bed: Bed) -> None:
     assert len(bed.posts_of(placed.sha256)) == 1
     ledger = bed.run("cat /home/deploy/smt_inbox/.posted_sha256").stdout.split()
     assert placed.sha256 in ledger
+    # Delivered by the app's large-file path, and the app's own count says all of it landed.
+    assert [r["path"] for r in bed.double_requests(placed.name)] == ["/api/admin/smt/raw-upload"]
+    landing = status_rows(bed)[placed.name]["landing"]
+    assert landing["verdict"] == "exact", landing
+    # 7 days from 2024-11-01: 6 x 96 + the fall-back day's 100
+    assert landing["app"]["intervals"] == landing["file"]["intervals"] == 676, landing
 
 
 def test_2_timer_is_scheduled(host: Any) -> None:
@@ -159,6 +165,7 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
     # last-result file behind /health.
     journal = bed.run("journalctl --no-pager -t smt-ingest -n 400").stdout
     assert re.search(rf"INFO posted .*{re.escape(placed.name)} esiid={placed.esiid}", journal)
+    assert re.search(rf"{re.escape(placed.name)} .*landed=exact: the app stored all 676 intervals", output)
     assert "summary posted=1" in journal, journal[-3000:]
     record = json.loads(bed.run(f"cat {LAST_RESULT}").stdout)
     assert record["trigger"] == "ansible" and record["exit_code"] == 0, record

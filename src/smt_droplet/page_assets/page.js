@@ -152,6 +152,7 @@ async function loadFiles(event) {
   const query = new URLSearchParams();
   if ($("filter-outcome").value) query.set("outcome", $("filter-outcome").value);
   if ($("filter-esiid").value.trim()) query.set("esiid", $("filter-esiid").value.trim());
+  if ($("filter-landing").value) query.set("landing", $("filter-landing").value);
   const data = await (await api(`/files?${query}`)).json();
   $("files-count").textContent = `${data.matching} file(s); ${data.needs_operator} need a person`;
   const body = $("files-table").tBodies[0];
@@ -165,7 +166,8 @@ function fileRow(row) {
   tr.dataset.state = row.state;
   const s = row.summary || {};
   const dates = s.first_day ? `${s.first_day} – ${s.last_day}` : "–";
-  const intervals = s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
+  const landing = row.landing || null;
+  const intervals = landing ? landedText(landing) : s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
   tr.append(
     text("td", when(row.arrived), "when"),
     text("td", row.path, "path"),
@@ -173,9 +175,9 @@ function fileRow(row) {
     text("td", row.state, `state ${row.needs_operator ? "needs" : ""}`),
     text("td", row.esiid || "–"),
     text("td", dates, "dates"),
-    text("td", intervals),
+    landedCell(intervals, landing),
     text("td", row.app_id || "–"),
-    text("td", row.reason || ""),
+    text("td", row.reason || (landing && NOT_LANDED.includes(landing.verdict) ? landing.detail : "")),
   );
   const cell = document.createElement("td");
   if (row.state !== "posted" && row.state !== "ignored") {
@@ -184,11 +186,32 @@ function fileRow(row) {
   if (row.state === "no-esiid") {
     cell.append(actionButton("Post with ESIID", row, "post"));
   }
+  if (row.state === "posted" && landing && NOT_LANDED.includes(landing.verdict)) {
+    cell.append(actionButton("Send again", row, "resend"));
+  }
   if (row.state !== "pending") {
     cell.append(actionButton("Forget", row, "forget"));
   }
   tr.append(cell);
   return tr;
+}
+
+const NOT_LANDED = ["short", "none", "mismatch"];
+
+// "app 288 / file 292": what the app says it stored beside what the file holds.
+function landedText(landing) {
+  const file = landing.file && landing.file.intervals != null ? landing.file.intervals : "?";
+  if (!landing.app) return `file ${file} (app: no count)`;
+  return `app ${landing.app.intervals} / file ${file}`;
+}
+
+function landedCell(content, landing) {
+  const td = text("td", content, landing ? `landing landing-${landing.verdict}` : "");
+  if (landing) {
+    td.dataset.verdict = landing.verdict;
+    td.title = `${landing.verdict}: ${landing.detail || ""}`;
+  }
+  return td;
 }
 
 function actionButton(label, row, action) {
@@ -203,6 +226,7 @@ const ACTIONS = {
   forget: { text: (r) => `Forget ${r.path}? The next pass posts it again.`, field: null },
   ignore: { text: (r) => `Ignore ${r.path} for good? It is never posted.`, field: "Reason (shown in status)" },
   post: { text: (r) => `Post ${r.path} with this ESIID?`, field: "ESIID (17 digits)" },
+  resend: { text: (r) => `Send ${r.path} to the app again? ${(r.landing || {}).detail || ""}`, field: null },
 };
 
 function confirmAction(row, action) {
