@@ -316,21 +316,29 @@ def test_operator_sees_what_the_app_stored_and_sends_a_short_file_again(
     page.select_option("#filter-landing", "short,none,mismatch")
     row = page.locator(f"#files-table tr[data-sha256='{sha256(path)}']")
     deadline = time.monotonic() + 60
-    while row.count() == 0 and time.monotonic() < deadline:  # the pass may still run
+    while time.monotonic() < deadline:  # the pass may still run
         page.click("#filter button[type=submit]")
         page.wait_for_timeout(500)
+        if row.locator("td.landing[data-verdict=short]").count():
+            break
     cell = row.locator("td.landing")
     assert cell.get_attribute("data-verdict") == "short"
     assert cell.text_content() == "app 284 / file 288"
     assert "landing-short" in (cell.get_attribute("class") or "")
     assert "the app stored 284 of 288 intervals; missing" in (row.text_content() or "")
-    assert (page.text_content("#files-count") or "").startswith("1 file(s);")
-    shot(page, "08-landed-short.png")
+    # only files the app did not store whole are listed (here also the orphan of the test
+    # above: a layout the app's parser does not read, so it stored nothing of it)
+    verdicts = page.locator("#files-table td.landing").evaluate_all(
+        "(cells) => cells.map((c) => c.dataset.verdict)"
+    )
+    assert verdicts and set(verdicts) <= {"short", "none", "mismatch"}, verdicts
+    shot(page, "08-landed-short.png", full_page=True)
     row.locator("button[data-action=resend]").click()
     page.wait_for_selector("#confirm[open]")
     page.click("#confirm-ok")
     page.wait_for_selector("#action-status:has-text('resend: done by the pass')", timeout=60_000)
-    page.wait_for_selector("#files-count:has-text('0 file(s)')")  # nothing short any more
+    page.click("#filter button[type=submit]")
+    row.wait_for(state="detached")  # no longer among the files that did not land whole
     page.select_option("#filter-landing", "exact")
     page.click("#filter button[type=submit]")
     exact = page.locator(f"#files-table tr[data-sha256='{sha256(path)}'] td.landing")

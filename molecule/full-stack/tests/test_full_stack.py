@@ -165,11 +165,54 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
     # last-result file behind /health.
     journal = bed.run("journalctl --no-pager -t smt-ingest -n 400").stdout
     assert re.search(rf"INFO posted .*{re.escape(placed.name)} esiid={placed.esiid}", journal)
-    assert re.search(rf"{re.escape(placed.name)} .*landed=exact: the app stored all 676 intervals", output)
+    assert re.search(
+        rf"{re.escape(placed.name)} .*landed=exact: the app stored all 676 intervals", output
+    )
     assert "summary posted=1" in journal, journal[-3000:]
     record = json.loads(bed.run(f"cat {LAST_RESULT}").stdout)
     assert record["trigger"] == "ansible" and record["exit_code"] == 0, record
     assert [f["path"] for f in record["files"]] == [placed.name], record["files"]
+
+
+def test_5b_a_short_landing_is_said_and_ingest_now_sends_it_again(
+    bed: Bed, inventory_dir: Path
+) -> None:
+    config = f"{bed.double_url}/__double/config"
+    assert bed.http("post", config, json_body={"drop_intervals": 4}).status == 200
+    placed = bed.place_on_peer()
+    assert run_pass(bed).rc == 0
+    landing = status_rows(bed)[placed.name]["landing"]
+    assert landing["verdict"] == "short", landing
+    assert landing["app"]["intervals"] == landing["file"]["intervals"] - 4, landing
+    journal = bed.run("journalctl --no-pager -t smt-ingest -n 200").stdout
+    assert re.search(rf"WARNING posted .*{re.escape(placed.name)} .*landed=short", journal)
+    metrics = bed.run(f"cat {METRICS}").stdout
+    assert 'smt_ingest_last_pass_files_landed{verdict="short"} 1.0' in metrics
+    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    proc = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory_dir),
+            "--limit",
+            bed.host.backend.name,
+            "-e",
+            "smt_resend=short,none",
+            str(REPO / "playbooks" / "ingest-now.yml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert re.search(rf"posted {re.escape(placed.name)}\s+landed=exact", output), output[-4000:]
+    assert status_rows(bed)[placed.name]["landing"]["verdict"] == "exact"
+    ledger = bed.run("cat /home/deploy/smt_inbox/.posted_sha256").stdout.split()
+    assert ledger.count(placed.sha256) == 1
 
 
 def test_6_upload_rate_limit_survives_restart(bed: Bed) -> None:
