@@ -82,7 +82,7 @@ def test_parts_are_whole_lines_with_the_header_and_fit_the_cap() -> None:
         parts = split_parts(data, "f.csv", cap=cap, fields=fields)
         assert len(parts) > 1
         header = data.split(b"\n", 1)[0] + b"\n"
-        assert all(len(p.body) <= cap for p in parts)
+        assert all(len(p.body) == p.size <= cap for p in parts)
         assert all(p.data.startswith(header) and p.data.endswith(b"\n") for p in parts)
         assert parts[0].data + b"".join(p.data[len(header) :] for p in parts[1:]) == data
         bodies = [json.loads(p.body) for p in parts]
@@ -366,3 +366,19 @@ class AlertSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_post_command_takes_the_delivery_mode(env, webapp, inbox) -> None:
+    webapp.configure(era="production", known_esiids=[ESIID])
+    path = put(inbox, ESIID, date(2026, 11, 20), 1)
+    inline = {**env, "SMT_DELIVERY": "inline"}
+    refused = cli(["post", path.name], inline)
+    assert refused.returncode == 2 and "smt_ingest_delivery: raw-upload" in refused.stderr
+    done = cli(["post", path.name, "--delivery", "raw-upload"], inline)
+    assert done.returncode == 0, done.stderr
+    assert "landed=exact app=96/file=96" in done.stderr
+    assert [r["path"] for r in webapp.requests()] == [
+        "/api/admin/smt/pull",
+        "/api/admin/smt/raw-upload",
+    ]
+    assert cli(["post", path.name, "--delivery", "carrier-pigeon"], inline).returncode == 2

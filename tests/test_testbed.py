@@ -29,7 +29,7 @@ import pytest
 import requests
 from helpers import REPO
 
-from testbed.intelliwatt_double import PULL_PATH, IntelliWattDouble
+from testbed.intelliwatt_double import PULL_PATH, RAW_UPLOAD_PATH, IntelliWattDouble
 from testbed.sftp_peer import SftpPeer, SftpPeerError, _find_tool
 from testbed.smt_csv import (
     HEADER,
@@ -782,3 +782,94 @@ def test_smt_csv_fixture_factory(smt_csv, tmp_path):
     assert path.name == f"IntervalMeterUsage_{ESIID}_20250310.csv"
     assert path.read_bytes() == smt_csv(esiid=ESIID, days=2)
     assert smt_csv(seed=3).splitlines()[1].startswith(b"'" + random_esiid(3).encode())
+
+
+# -- the double's raw-upload path and the app's eras -----------------------------------------
+
+
+def raw_body(content: bytes, name: str = "f.csv", **over: Any) -> dict:
+    body: dict[str, Any] = {
+        "filename": name,
+        "sizeBytes": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "contentBase64": base64.b64encode(content).decode(),
+        "esiid": ESIID,
+        "contentType": "text/csv",
+    }
+    body.update(over)
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
+def raw_post(webapp: IntelliWattDouble, body: Any, token: str | None = "default"):
+    headers = {"x-admin-token": webapp.admin_token if token == "default" else token or ""}
+    return requests.post(f"{webapp.url}{RAW_UPLOAD_PATH}", json=body, headers=headers, timeout=10)
+
+
+def test_raw_upload_validates_like_the_app_and_counts_what_it_stored(webapp):
+    assert raw_post(webapp, raw_body(CSV), token="wrong").status_code == 401
+    bad = raw_post(webapp, raw_body(CSV, filename=_DROP, sha256=_DROP, sizeBytes="12"))
+    assert bad.status_code == 400 and bad.json()["error"] == "VALIDATION"
+    assert bad.json()["missing"] == [
+        "filename (string)",
+        "size_bytes|sizeBytes (number)",
+        "sha256 (string)",
+    ]
+    data = generate_interval_csv(ESIID, date(2026, 6, 10), 2)
+    first = raw_post(webapp, raw_body(data)).json()
+    assert first["ok"] is True and "duplicate" not in first
+    assert first["normalizedInline"]["records"] == 192
+    assert first["normalizedInline"]["tsMin"] == "2026-06-10T05:00:00.000Z"
+    again = raw_post(webapp, raw_body(data)).json()  # the same sha256: parsed again
+    assert again["duplicate"] is True and again["id"] == first["id"]
+    assert again["normalizedInline"]["records"] == 192
+    assert len(webapp.app.stored(ESIID)) == 192
+    gz = raw_post(webapp, raw_body(gzip.compress(data), name="g.csv")).json()
+    assert gz["ok"] is True and gz["normalizedInline"]["records"] == 0  # gzip: 0 rows
+
+
+def test_raw_upload_failure_modes_are_switchable(webapp):
+    fall = generate_interval_csv(ESIID, date(2026, 10, 31), 3)
+    assert raw_post(webapp, raw_body(fall)).json()["normalizedInline"]["records"] == 292
+    webapp.reset()
+    webapp.configure(dst_overwrite=True)
+    assert raw_post(webapp, raw_body(fall)).json()["normalizedInline"]["records"] == 288
+    webapp.configure(dst_overwrite=False, window_days=365)
+    old = generate_interval_csv(ESIID, date(2024, 6, 1), 1)
+    assert raw_post(webapp, raw_body(old)).json()["normalizedInline"] is None
+    webapp.configure(window_days=None, drop_intervals=5)
+    day = generate_interval_csv(ESIID, date(2026, 6, 10), 1)
+    assert raw_post(webapp, raw_body(day)).json()["normalizedInline"]["records"] == 91
+
+
+def test_parts_are_reassembled_and_a_missing_part_is_seen(webapp):
+    data = generate_interval_csv(ESIID, date(2026, 6, 10), 3)
+    header, rest = data.split(b"\n", 1)
+    lines = rest.splitlines(keepends=True)
+    parts = [header + b"\n" + b"".join(lines[i::3]) for i in range(3)]  # order does not matter
+    for i in (1, 3):
+        raw_post(webapp, raw_body(parts[i - 1], name=f"f.csv.part{i}-of-3"))
+    assert webapp.assembled()["f.csv"]["content"] is None  # part 2 never came
+    raw_post(webapp, raw_body(parts[1], name="f.csv.part2-of-3"))
+    whole = webapp.assembled()["f.csv"]
+    assert whole["content"] == parts[0] + parts[1][len(header) + 1 :] + parts[2][len(header) + 1 :]
+    assert whole["copies"] == 1
+
+
+def test_eras_refuse_inline_like_the_app(webapp):
+    webapp.configure(era="production", known_esiids=[ESIID])
+    unknown = post(webapp, inline_body(esiid="10443720000000011"))
+    assert (unknown.status_code, unknown.json()["error"]) == (400, "HOME_ID_REQUIRED")
+    known = post(webapp, inline_body())
+    assert (known.status_code, known.json()["error"]) == (400, "INLINE_DISABLED")
+    with_home = post(webapp, inline_body(esiid="10443720000000011", homeId="h1"))
+    assert with_home.json()["error"] == "INLINE_DISABLED"
+    webapp.configure(era="2026-dev")
+    assert post(webapp, inline_body()).status_code == 200
+    assert post(webapp, inline_body(esiid="10443720000000011")).json()["error"] == (
+        "HOME_ID_REQUIRED"
+    )
+    ctl = webapp.url + "/__double/config"
+    assert requests.post(ctl, json={"era": "2025-11"}, timeout=5).ok
+    assert post(webapp, inline_body(esiid="10443720000000011")).status_code == 200
+    assert requests.post(ctl, json={"era": "1999"}, timeout=5).status_code == 400
+    assert raw_post(webapp, raw_body(CSV)).status_code == 200  # raw-upload in every era

@@ -12,8 +12,8 @@ file before the post) and gives one verdict:
 * ``short`` — the app kept some but fewer (``detail`` names the span when the bounds tell it,
   e.g. the repeated hour of a fall-back day);
 * ``none`` — the app kept nothing (``normalizedInline: null`` or 0 intervals);
-* ``mismatch`` — the app counts more intervals than the file has, or the file's count is
-  unknown (a layout the droplet does not read) while the app's is not;
+* ``mismatch`` — the app counts more intervals than the file has, as many over another span
+  (a shifted clock), or the file's count is unknown (a layout the droplet does not read);
 * ``unverified`` — the inline path: the app's answer carries no count.
 
 ``short``, ``none`` and ``mismatch`` are what :data:`NOT_LANDED` holds: the journal line warns,
@@ -125,6 +125,14 @@ def reconcile(summary: dict[str, Any] | None, app: AppCount) -> Landing:
         )
     if have == want and (app.first, app.last) == (mine["first"], mine["last"]):
         return Landing(EXACT, mine, theirs, f"the app stored all {want} intervals")
+    if have == want:  # as many, somewhere else: a shifted clock
+        return Landing(
+            MISMATCH,
+            mine,
+            theirs,
+            f"the app stored {have} intervals over {app.first}..{app.last}; the file's span "
+            f"is {mine['first']}..{mine['last']}",
+        )
     detail = f"the app stored {have} of {want} intervals"
     missing = _missing_spans(mine, app, want - have, summary or {})
     if missing:

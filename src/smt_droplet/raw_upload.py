@@ -47,17 +47,34 @@ class PartTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class Part:
-    """One request's worth of the file."""
+    """One request's worth of the file; its JSON body is built only when it is sent."""
 
     index: int  # 1-based
     total: int
     filename: str
     data: bytes
-    body: bytes
+    fields: dict[str, Any]
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def size(self) -> int:
+        """The length of :attr:`body`, without building it."""
+        return _body_size(self.data, self.filename, self.fields, last=self.index == self.total)
+
+    @property
+    def body(self) -> bytes:
+        body = {
+            **self.fields,
+            "filename": self.filename,
+            "sizeBytes": len(self.data),
+            "sha256": self.sha256,
+            "contentBase64": base64.b64encode(self.data).decode("ascii"),
+            "postIngest": self.index == self.total,
+        }
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
 def split_parts(
@@ -68,9 +85,8 @@ def split_parts(
     fields: dict[str, Any],
 ) -> list[Part]:
     """The parts of ``data`` whose JSON bodies (with ``fields``) each stay within ``cap``."""
-    whole = _body(data, filename, fields, last=True)
-    if len(whole) <= cap:
-        return [Part(1, 1, filename, data, whole)]
+    if _body_size(data, filename, fields, last=True) <= cap:
+        return [Part(1, 1, filename, data, fields)]
     pieces = data.split(b"\n")  # lines end at LF only (a CRLF line keeps its CR)
     lines = [p + b"\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
     header, rows = lines[0], lines[1:]
@@ -92,11 +108,29 @@ def split_parts(
     parts = []
     for index, chunk in enumerate(chunks, start=1):
         name = PART_NAME.format(name=filename, index=index, total=total)
-        body = _body(chunk, name, fields, last=index == total)
-        if len(body) > cap:  # the budget is exact; this guards its arithmetic
-            raise PartTooLarge(f"part {index} of {total} is {len(body)} bytes (cap {cap})")
-        parts.append(Part(index, total, name, chunk, body))
+        part = Part(index, total, name, chunk, fields)
+        if part.size > cap:  # the budget is exact; this guards its arithmetic
+            raise PartTooLarge(f"part {index} of {total} is {part.size} bytes (cap {cap})")
+        parts.append(part)
     return parts
+
+
+def _frame(name: str, size: int, fields: dict[str, Any], last: bool = False) -> int:
+    """The bytes of a part's JSON body besides its base64 content (``last=False`` is the
+    longer of the two)."""
+    frame = {
+        **fields,
+        "filename": name,
+        "sizeBytes": size,
+        "sha256": "0" * 64,
+        "contentBase64": "",
+        "postIngest": last,
+    }
+    return len(json.dumps(frame, separators=(",", ":")).encode("utf-8"))
+
+
+def _body_size(chunk: bytes, name: str, fields: dict[str, Any], *, last: bool) -> int:
+    return _frame(name, len(chunk), fields, last) + 4 * ((len(chunk) + 2) // 3)
 
 
 def _content_budget(filename: str, fields: dict[str, Any], cap: int, size: int) -> int:
@@ -104,30 +138,7 @@ def _content_budget(filename: str, fields: dict[str, Any], cap: int, size: int) 
     (measured with the longest part name and size this file can have)."""
     digits = len(str(size))
     longest = PART_NAME.format(name=filename, index="9" * digits, total="9" * digits)
-    frame = json.dumps(
-        {
-            **fields,
-            "filename": longest,
-            "sizeBytes": size,
-            "sha256": "0" * 64,
-            "contentBase64": "",
-            "postIngest": False,
-        },
-        separators=(",", ":"),
-    )
-    return max(0, (cap - len(frame.encode("utf-8"))) // 4 * 3)
-
-
-def _body(chunk: bytes, name: str, fields: dict[str, Any], *, last: bool) -> bytes:
-    body = {
-        **fields,
-        "filename": name,
-        "sizeBytes": len(chunk),
-        "sha256": hashlib.sha256(chunk).hexdigest(),
-        "contentBase64": base64.b64encode(chunk).decode("ascii"),
-        "postIngest": last,
-    }
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return max(0, (cap - _frame(longest, size, fields)) // 4 * 3)
 
 
 def post_parts(
@@ -160,9 +171,11 @@ def post_parts(
     counted = landing.AppCount()
     attempts, sent, duplicates, first_id = 0, 0, 0, None
     for part in parts:
-        answer, tries = send(session, settings, part.body, sleep=sleep)
+        body = part.body
+        answer, tries = send(session, settings, body, sleep=sleep)
         attempts += tries
-        sent += len(part.body)
+        sent += len(body)
+        del body
         if answer.outcome not in (Outcome.POSTED, Outcome.DUPLICATE):
             reason = answer.reason
             if part.total > 1:
