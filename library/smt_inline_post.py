@@ -344,6 +344,7 @@ def main() -> None:
                 check=module.check_mode,
                 pgp=pgp,
                 result=result,
+                record_dir=RecordSettings.from_env(env).spool_dir,
             )
             if not module.check_mode:
                 logging.getLogger("smt_droplet.ingest").info("%s", result.summary_line())

@@ -194,6 +194,28 @@ def test_decisions_are_queued_and_applied_by_the_next_pass(
     assert len(webapp.received()) == 1
 
 
+def test_a_file_that_keeps_failing_shows_its_reason_everywhere(
+    server: ServerProcess, env: dict[str, str], inbox: Path, smt_csv, webapp
+) -> None:
+    path = smt_csv.write(inbox, esiid=ESIID)
+    webapp.fail_next(4, 502)  # every attempt of the pass: 1 + SMT_POST_RETRIES (3)
+    result = run_pass(fast_env(env), sync=False)
+    assert result.exit_code == 1 and result.counts() == {"failed-will-retry": 1}
+    row = api(server, f"/files/{sha256(path)}").json()
+    assert row["state"] == "failed-will-retry", row
+    assert row["reason"] == (
+        "HTTP 502 STORAGE_FAILED (after 4 attempts); the next pass tries again"
+    )
+    assert (row["esiid"], row["at"] is not None) == (ESIID, True)
+    only = api(server, "/files", params={"outcome": "failed-will-retry"}).json()["files"]
+    assert [r["path"] for r in only] == [path.name]
+    last = api(server, "/overview").json()["lastPass"]
+    assert (last["failed"], last["posted"], last["exit_code"]) == (1, 0, 1)
+    assert run_pass(fast_env(env), sync=False).counts() == {"posted": 1}  # retried, not settled
+    assert api(server, f"/files/{sha256(path)}").json()["state"] == "posted"
+    assert api(server, "/overview").json()["lastPass"]["posted"] == 1
+
+
 def test_coverage_counts_complete_partial_and_missing_days() -> None:
     today = date(2026, 3, 10)
     records = [

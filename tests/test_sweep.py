@@ -12,7 +12,9 @@ import pytest
 from helpers import fast_env
 
 from smt_droplet import spool
+from smt_droplet.config import SftpSettings
 from smt_droplet.ingest import run_pass
+from smt_droplet.sync import run_sync
 
 ESIID = "10443720000000077"
 HOUR_AGO = time.time() - 3700
@@ -81,6 +83,18 @@ def test_a_lost_ledger_beside_earlier_files_is_said_once_per_pass(
     assert len(lost) == 1 and "already holds 1 file(s) from before this pass" in lost[0], lost
     assert str(state) in lost[0]
     assert result.counts() == {"duplicate": 1}  # posted again: the app knew it
+
+
+def test_a_new_droplets_first_files_synced_by_another_process_are_no_lost_ledger(
+    env, inbox: Path, sftp_peer, smt_csv, webapp, caplog
+) -> None:
+    """ingest-now.yml syncs (one module) then posts (another): the post step never saw the
+    download, but nothing was ever posted on this box, so no ledger can have been lost."""
+    smt_csv.write(sftp_peer.root, esiid=ESIID)
+    assert run_sync(SftpSettings.from_env(env)).downloaded
+    with caplog.at_level(logging.WARNING, logger="smt_droplet"):
+        assert run_pass(env, sync=False).counts() == {"posted": 1}
+    assert not [r for r in caplog.records if "does not exist" in r.getMessage()]
 
 
 def test_a_first_upload_on_a_new_box_is_not_a_lost_ledger(env, inbox: Path, smt_csv, caplog):

@@ -29,14 +29,14 @@ from .config import (
     spool_dir,
 )
 from .inbox import InboxFile, inbox_file, scan_inbox
-from .ledger import Ledger, LedgerError, read_retired
+from .ledger import Ledger, LedgerError, read_retired, retired_path
 from .lock import PassLock, lock_path_for
 from .outcomes import NEEDS_OPERATOR, FileResult, Outcome, PassResult
 from .passrecord import finish_pass, trigger_of
 from .plan import RunPlan, plan_from_requests
 from .process import PostContext, log_result, process_file
 from .remote_completion import complete_posted
-from .retention import run_housekeeping
+from .retention import COPIES_DIR, run_housekeeping
 from .sweep import sweep_stale
 from .sync import run_sync
 
@@ -68,7 +68,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
                 if result.sync is not None:
                     plan.fresh = {f.rel for f in result.sync.downloaded}
             if not result.fatal:
-                post_pending(settings, plan=plan, result=result, pgp=pgp)
+                post_pending(settings, plan=plan, result=result, pgp=pgp, record_dir=queue_dir)
                 _after_posts(sftp_settings, pkey, lifecycle, result)
         finally:
             log.info("%s", result.summary_line())
@@ -88,11 +88,13 @@ def post_pending(
     esiid: str | None = None,
     meter: str | None = None,
     pgp: PgpSettings | None = None,
+    record_dir: Path | None = None,
 ) -> PassResult:
     """Post every unposted inbox file (or just ``paths``); the caller holds the lock.
 
     ``check``: decide only (no HTTP, no ledger or cache write). ``pgp``: how to decrypt PGP
-    deliveries (default: gpg's own home, ``$TMPDIR``)."""
+    deliveries (default: gpg's own home, ``$TMPDIR``). ``record_dir``: the spool, where the last
+    pass's record is (a lost ledger is told from a new droplet by it)."""
     result = result or PassResult()
     started = time.monotonic()
     ledger = Ledger.load(settings.state_file)
@@ -104,7 +106,7 @@ def post_pending(
         ledger.prune_hashes({i.rel for i in items})
     result.inbox_files, result.inbox_bytes = len(items), sum(i.size for i in items)
     if not paths:
-        _warn_if_ledger_lost(ledger, settings.local_dir, items, plan)
+        _warn_if_ledger_lost(ledger, settings.local_dir, items, plan, record_dir)
     ctx = PostContext(settings, ledger, None, plan or RunPlan(), check, pgp or PgpSettings())
     try:
         _post_files(ctx, items, result, force=force, esiid=esiid, meter=meter)
@@ -123,11 +125,19 @@ def post_pending(
 
 
 def _warn_if_ledger_lost(
-    ledger: Ledger, inbox: Path, items: list[InboxFile], plan: RunPlan | None
+    ledger: Ledger,
+    inbox: Path,
+    items: list[InboxFile],
+    plan: RunPlan | None,
+    record_dir: Path | None,
 ) -> None:
-    """A missing ledger beside files that were in the inbox before this pass: say so loudly
-    (every one of them is posted again; the app answers ``duplicate`` for what it has)."""
+    """A missing ledger beside files that were in the inbox before this pass, on a droplet that
+    has posted before: say so loudly (every one of them is posted again; the app answers
+    ``duplicate`` for what it has). A new droplet's first files are no lost ledger, whichever
+    process downloaded them (``ingest-now.yml`` syncs and posts in two)."""
     if ledger.state_file.exists() or ledger.sidecar.exists():
+        return
+    if not _posted_before(ledger, record_dir):
         return
     arrived_now = set() if plan is None else plan.fresh | set(plan.per_file)  # SFTP, uploads
     earlier = [i for i in items if i.rel not in arrived_now]
@@ -140,6 +150,17 @@ def _warn_if_ledger_lost(
             inbox,
             len(earlier),
         )
+
+
+def _posted_before(ledger: Ledger, record_dir: Path | None) -> bool:
+    """Traces a droplet that has posted leaves outside STATE_FILE and its sidecar: the post log,
+    the retired files, the ledger's daily copies, the last pass's record."""
+    own = (ledger.posts_log, retired_path(ledger.state_file))
+    if any(p.exists() for p in own) or (ledger.state_file.parent / COPIES_DIR).is_dir():
+        return True
+    record = spool.read_last_result(record_dir) if record_dir is not None else None
+    counts = (record or {}).get("counts") or {}
+    return bool(counts.get(Outcome.POSTED) or counts.get(Outcome.DUPLICATE))
 
 
 def _load_key(sftp_settings: SftpSettings | None) -> Any:

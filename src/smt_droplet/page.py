@@ -45,6 +45,7 @@ from . import coverage_chart, spool
 from .config import InboxSettings, UploadSettings
 from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import json_error, secrets_equal, set_outcome
+from .landing import NOT_LANDED
 from .ledger import Ledger, is_digest
 from .outcomes import iso_utc
 from .passrecord import verdict
@@ -181,21 +182,7 @@ class OperatorPage:
         return {
             "healthy": not problem,
             "reason": problem or None,
-            "lastPass": {
-                key: record.get(key)
-                for key in (
-                    "trigger",
-                    "exit_code",
-                    "duration_seconds",
-                    "posted",
-                    "failed",
-                    "needs_operator",
-                    "inbox_files",
-                )
-            }
-            | {"finished": _iso(record.get("finished_ts"))}
-            if record
-            else None,
+            "lastPass": _last_pass(record) if record else None,
             "lastSuccess": _iso(last_success),
             "nextTimerRun": next_timer_run(),
             "queueDepth": spool.depth(self.settings.spool_dir),
@@ -338,6 +325,25 @@ class OperatorPage:
         app.router.add_get(f"{PREFIX}/requests/{{id:[0-9A-Za-z-]{{1,64}}}}", self.served)
         app.router.add_get(f"{PREFIX}/coverage", self.coverage)
         app.router.add_get(f"{PREFIX}/coverage/{{esiid:[0-9]{{17}}}}.svg", self.coverage_svg)
+
+
+def _last_pass(record: dict[str, Any]) -> dict[str, Any]:
+    """The overview's summary of the last pass's record (counts by what they mean)."""
+    counts = record.get("counts") or {}
+    landing = record.get("landing") or {}
+    out = {
+        key: record.get(key)
+        for key in ("trigger", "exit_code", "duration_seconds", "needs_operator", "inbox_files")
+    }
+    out.update(
+        posted=int(counts.get("posted", 0)) + int(counts.get("duplicate", 0)),
+        failed=int(counts.get("failed-will-retry", 0)),
+        waitingForApp=record.get("waiting_for_app", 0),
+        notLanded=sum(int(landing.get(v, 0)) for v in NOT_LANDED),
+        fatal=record.get("fatal"),
+        finished=_iso(record.get("finished_ts")),
+    )
+    return out
 
 
 def _iso(ts: Any) -> str | None:

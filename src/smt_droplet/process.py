@@ -382,7 +382,17 @@ def _record(
         result.outcome, result.reason = Outcome.FATAL, answer.reason
     else:
         result.outcome = Outcome.FAILED
-        result.reason = f"{answer.reason} (after {answer.attempts} attempts)"
+        result.reason = (
+            f"{answer.reason} (after {answer.attempts} attempts); the next pass tries again"
+        )
+        # remembered for `status`, the page and the pass record; never settles the file
+        ledger.record_outcome(
+            digest,
+            Outcome.FAILED,
+            result.reason,
+            rel,
+            {**extra, "attempts": answer.attempts, "http_status": answer.status},
+        )
 
 
 def _hours(seconds: float) -> str:

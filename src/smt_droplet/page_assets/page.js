@@ -102,11 +102,13 @@ async function refresh() {
 async function loadOverview() {
   const o = await (await api("/overview")).json();
   const verdict = $("health-verdict");
-  verdict.textContent = o.healthy ? "Healthy" : `Needs attention: ${o.reason}`;
-  verdict.className = o.healthy ? "ok" : "error";
   const last = o.lastPass;
+  const cause = last && last.fatal ? ` (${last.fatal})` : "";
+  verdict.textContent = o.healthy ? "Healthy" : `Needs attention: ${o.reason}${cause}`;
+  verdict.className = o.healthy ? "ok" : "error";
   const facts = [
     ["Last pass", last ? `${when(last.finished)}, ${last.duration_seconds} s, exit ${last.exit_code} (${last.trigger})` : "none yet"],
+    ["Its files", last ? `${last.posted} posted, ${last.notLanded} not landed whole, ${last.failed} to retry, ${last.waitingForApp} waiting for the app` : "–"],
     ["Last success", when(o.lastSuccess)],
     ["Next timer run", when(o.nextTimerRun)],
     ["Queue depth", o.queueDepth],
