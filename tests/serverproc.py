@@ -21,8 +21,14 @@ _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 class ServerProcess:
     def __init__(
-        self, command: str, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()
+        self,
+        command: str,
+        env: dict[str, str],
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        pythonpath: Path = ROOT / "src",
     ) -> None:
+        self.pythonpath = pythonpath  # where the package is imported from (the checkout's)
         self.command = command
         self.args = args
         self.env = env
@@ -34,7 +40,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "INTELLIWATT_"))}
         env.pop("DROPLET_WEBHOOK_SECRET", None)
         env.pop("STATE_FILE", None)
-        env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")

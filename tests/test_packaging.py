@@ -124,3 +124,59 @@ def test_artifact_is_reproducible_and_follows_the_sources(dirty_tree: Path, tmp_
         assert member is not None
         assert io.TextIOWrapper(member).read().endswith("# changed\n")
         assert {m.uid for m in tar.getmembers()} == {0}
+
+
+def test_a_wheel_install_serves_the_operator_page(tmp_path: Path) -> None:
+    """``pip install .`` (not editable) gives a working upload server: the page's assets are
+    package data of the wheel."""
+    import requests
+    from serverproc import ServerProcess
+
+    project = tmp_path / "project"  # a copy: no build/ or egg-info of an earlier build counts
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, project / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), str(project)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheels.glob("smt_droplet-*.whl")
+    target = tmp_path / "site"
+    done = subprocess.run(
+        [*pip, "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assets = sorted(p.name for p in (target / "smt_droplet" / "page_assets").iterdir())
+    assert assets == ["icon.svg", "index.html", "page.css", "page.js"]
+    (tmp_path / "inbox").mkdir()
+    server = ServerProcess(
+        "upload-server",
+        {
+            "SMT_LOCAL_DIR": str(tmp_path / "inbox"),
+            "SMT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SMT_UPLOAD_STATE": str(tmp_path / "ratelimit.sqlite3"),
+            "SMT_UPLOAD_BIND": "127.0.0.1",
+            "SMT_UPLOAD_PORT": "0",
+            "SMT_UPLOAD_TOKEN": "wheel-install-token-0123456789abcdef",
+            "SMT_SHUTDOWN_GRACE": "1",
+        },
+        tmp_path / "upload-server.log",
+        pythonpath=target,
+    ).start()
+    try:
+        page = requests.get(server.url("/"), timeout=10)
+        script = requests.get(server.url("/assets/page.js"), timeout=10)
+    finally:
+        server.ensure_stopped()
+    assert page.status_code == 200 and "<title>" in page.text, page.text[:300]
+    assert script.status_code == 200 and "use strict" in script.text
+    assert str(target) in server.log() or "listening" in server.log()

@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -129,6 +130,37 @@ def encode_file(
         body=json.dumps(body, separators=(",", ":")).encode("ascii"),
         sha256=hashlib.sha256(data).hexdigest(),
         raw_bytes=len(data),
+    )
+
+
+# What to do about a file the app refused, by its error code (docs/intelliwatt-contract.md).
+_OUR_REQUEST = (
+    "the app could not read the droplet's request (a droplet bug): report it with this line; "
+    "after an upgrade `smt-droplet forget FILE` sends it again"
+)
+REJECTION_HINTS = {
+    "EXPECTED_JSON": _OUR_REQUEST,
+    "BAD_JSON": _OUR_REQUEST,
+    "INLINE_MISSING_B64": _OUR_REQUEST,
+    "INLINE_UNSUPPORTED_ENCODING": _OUR_REQUEST,
+    "INLINE_MISSING_FILENAME": _OUR_REQUEST,
+    "VALIDATION": _OUR_REQUEST,
+    "INLINE_SIZE_MISMATCH": (
+        "the app decoded other bytes than were sent: `smt-droplet forget FILE` sends it again; "
+        "if it happens again, report it with this line"
+    ),
+    "MISSING_ESIID": (
+        "the app did not take the ESIID: post it with `smt-droplet post FILE --esiid ESIID`"
+    ),
+}
+
+
+def rejection_hint(code: str) -> str:
+    """The next step for a file the app refused with ``code``."""
+    return REJECTION_HINTS.get(code) or (
+        f"the app refused this file with {code}, a code its contract does not list: look for "
+        "the file in the app's log; `smt-droplet forget FILE` sends it again, "
+        "`smt-droplet ignore FILE --reason TEXT` settles it"
     )
 
 
@@ -267,9 +299,11 @@ def _attempt(session: requests.Session, settings: PostSettings, body: bytes) -> 
             allow_redirects=False,
         )
     except requests.Timeout:
-        return Answer(None, None, f"timeout after {settings.http_timeout:g}s")
+        host = urlsplit(settings.endpoint).netloc
+        return Answer(None, None, f"timeout after {settings.http_timeout:g}s from {host}")
     except requests.RequestException as exc:
-        return Answer(None, None, f"connection error: {type(exc).__name__}")
+        host = urlsplit(settings.endpoint).netloc
+        return Answer(None, None, f"connection error to {host}: {type(exc).__name__}")
     return _classify(response, settings, len(body))
 
 
@@ -300,5 +334,6 @@ def _classify(response: requests.Response, settings: PostSettings, body_bytes: i
     if status == 400 and code == HOME_ID_REQUIRED:
         return Answer(Outcome.WAITING, status, HOME_ID_REQUIRED)
     if 400 <= status < 500:
-        return Answer(Outcome.REJECTED, status, str(answer.get("error") or f"HTTP_{status}"))
+        code = str(code or f"HTTP_{status}")
+        return Answer(Outcome.REJECTED, status, f"{code}: {rejection_hint(code)}")
     return Answer(None, status, f"unexpected HTTP {status}")
