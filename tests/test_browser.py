@@ -74,6 +74,21 @@ document.getElementById("go").addEventListener("click", async () => {
 """
 
 
+# Where a files-table row's action buttons end (their right edges), whether the table needs
+# sideways scrolling, and whether the row's long reason is folded behind a disclosure.
+ROW_LAYOUT = """(sel) => {
+  const row = document.querySelector("#files-table " + sel);
+  const wrap = document.querySelector(".table-wrap");
+  return {
+    buttons: [...row.querySelectorAll("td.actions button")]
+      .map((b) => b.getBoundingClientRect().right),
+    wrapScroll: wrap.scrollWidth,
+    wrapWidth: wrap.clientWidth,
+    folded: row.querySelector("td.reason details") !== null,
+  };
+}"""
+
+
 def shot(page: Page, name: str, **kw: Any) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
@@ -196,7 +211,8 @@ def test_operator_signs_in_uploads_and_sees_the_file_posted(
         f"#coverage figure[data-esiid='{ESIID}'] img",
     )
     caption = page.text_content(f"#coverage figure[data-esiid='{ESIID}'] figcaption") or ""
-    assert caption == f"{ESIID}: 89 complete, 0 with gaps, 1 missing", caption  # today: no data
+    # today has no data yet: not due, not missing
+    assert caption == f"{ESIID}: 89 complete, 0 with gaps, 0 missing (1 not due yet)", caption
     shot(page, "04-posted.png", full_page=True)
 
     # Refused in the page, before sending: not a CSV, over the cap; the server never sees them.
@@ -268,6 +284,20 @@ def test_operator_settles_files_that_need_a_person(front: FrontStack, browser: B
         page.click("#filter button[type=submit]")
         page.wait_for_timeout(500)
     assert orphan_row.get_attribute("data-state") == "no-esiid"
+    # Files wait for a person: the health box says so, in amber, not a green "Healthy".
+    page.click("#filter button[type=submit]")
+    page.wait_for_selector("#health-verdict.warn:has-text('2 file(s) wait for a person')")
+    # The long reason (it spells out commands) is folded, the buttons stay on screen, the
+    # name breaks at its separators; at 1280 px and at 360 px (rows as cards).
+    for width in (1280, 360):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(200)
+        layout = page.evaluate(ROW_LAYOUT, f"tr[data-sha256='{sha256(orphan)}']")
+        assert layout["buttons"] and all(r <= width for r in layout["buttons"]), layout
+        assert layout["wrapScroll"] <= layout["wrapWidth"] + 1, layout  # no sideways scroll
+        assert layout["folded"], layout
+        shot(page, f"06-waiting-row-{width}.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     page.select_option("#filter-outcome", "no-esiid")
     page.click("#filter button[type=submit]")

@@ -140,7 +140,8 @@ def test_files_overview_and_coverage_follow_the_ledger(
             "days": 90,
             "complete": 30,
             "gaps": 0,
-            "missing": 60,
+            "missing": 58,
+            "due": 2,  # today and yesterday: SMT may not have delivered them yet
         }
     ]
     chart = api(server, f"/coverage/{ESIID}.svg")
@@ -235,16 +236,20 @@ def test_coverage_counts_complete_partial_and_missing_days() -> None:
     cov = coverage_chart.coverage(records, today, days=10)
     assert list(cov) == [ESIID]
     c = cov[ESIID]
-    # 03-01..03-06 complete, 03-07 gaps, 03-08 complete (a later file filled it), 09/10 missing
-    assert c.states == ["complete"] * 6 + ["gaps", "complete", "missing", "missing"]
+    # 03-01..03-06 complete, 03-07 gaps, 03-08 complete (a later file filled it), 09/10 (today
+    # and yesterday) not due yet
+    assert c.states == ["complete"] * 6 + ["gaps", "complete", "due", "due"]
     assert c.to_dict() | {"from": None} == {
         "esiid": ESIID,
         "from": None,
         "days": 10,
         "complete": 7,
         "gaps": 1,
-        "missing": 2,
+        "missing": 0,
+        "due": 2,
     }
+    later = coverage_chart.coverage(records, today + timedelta(days=2), days=12)[ESIID]
+    assert later.states[-4:] == ["missing", "missing", "due", "due"]
     drawn = coverage_chart.svg(c)
     assert drawn.count("<rect") == 10 and 'aria-label="ESIID ' in drawn
     assert "2026-03-07: gaps" in drawn

@@ -2,7 +2,9 @@
 
 A day is ``complete`` when a posted file covers it with every interval (96, or 92/100 on the
 DST days: :func:`smt_droplet.csvdata.intervals_in_day`), ``gaps`` when posted files cover it only
-partly (the summary's ``gap_days``), and ``missing`` when no posted file covers it. The SVG is
+partly (the summary's ``gap_days``), ``missing`` when no posted file covers it, and ``due``
+(not yet: grey, not counted missing) for today and yesterday without data — SMT delivers a day's
+intervals the day after, so their absence says nothing yet. The SVG is
 built here on the server, from numbers only (no text from a file reaches it but the ESIID, which
 is escaped), and is served as ``image/svg+xml`` to the operator page.
 """
@@ -15,10 +17,11 @@ from datetime import date, timedelta
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-COMPLETE, GAPS, MISSING = "complete", "gaps", "missing"
-RANK = {MISSING: 0, GAPS: 1, COMPLETE: 2}
-COLOURS = {COMPLETE: "#2e7d32", GAPS: "#f9a825", MISSING: "#c62828"}
+COMPLETE, GAPS, MISSING, DUE = "complete", "gaps", "missing", "due"
+RANK = {DUE: -1, MISSING: 0, GAPS: 1, COMPLETE: 2}
+COLOURS = {COMPLETE: "#2e7d32", GAPS: "#f9a825", MISSING: "#c62828", DUE: "#b0bec5"}
 DAYS = 90
+NOT_DUE_DAYS = 2  # today and yesterday: their data may not have been delivered yet
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Coverage:
             COMPLETE: self.count(COMPLETE),
             GAPS: self.count(GAPS),
             MISSING: self.count(MISSING),
+            DUE: self.count(DUE),
         }
 
 
@@ -75,11 +79,14 @@ def coverage(
             if RANK[state] > RANK[states.get(day, MISSING)]:
                 states[day] = state
             day += timedelta(days=1)
+    due_from = today - timedelta(days=NOT_DUE_DAYS - 1)
+
+    def state(day: date, states: dict[date, str]) -> str:
+        return states.get(day, DUE if day >= due_from else MISSING)
+
     return {
         esiid: Coverage(
-            esiid,
-            first,
-            [states.get(first + timedelta(days=i), MISSING) for i in range(days)],
+            esiid, first, [state(first + timedelta(days=i), states) for i in range(days)]
         )
         for esiid, states in sorted(found.items())
     }
@@ -95,6 +102,7 @@ def svg(cov: Coverage) -> str:
     label = (
         f"ESIID {cov.esiid}: {cov.count(COMPLETE)} complete, {cov.count(GAPS)} with gaps, "
         f"{cov.count(MISSING)} missing of the last {len(cov.states)} days"
+        + (f" ({cov.count(DUE)} not due yet)" if cov.count(DUE) else "")
     )
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {HEIGHT + LABEL}" '
@@ -106,7 +114,7 @@ def svg(cov: Coverage) -> str:
         parts.append(
             f'<rect x="{i * CELL}" y="0" width="{CELL - GAP}" height="{HEIGHT}" '
             f'fill="{COLOURS[state]}" data-state="{state}">'
-            f"<title>{day.isoformat()}: {state}</title></rect>"
+            f"<title>{day.isoformat()}: {'not due yet' if state == DUE else state}</title></rect>"
         )
         if day.day == 1:
             parts.append(

@@ -104,8 +104,17 @@ async function loadOverview() {
   const verdict = $("health-verdict");
   const last = o.lastPass;
   const cause = last && last.fatal ? ` (${last.fatal})` : "";
-  verdict.textContent = o.healthy ? "Healthy" : `Needs attention: ${o.reason}${cause}`;
-  verdict.className = o.healthy ? "ok" : "error";
+  const waiting = last && last.needs_operator ? last.needs_operator : 0;
+  if (!o.healthy) {
+    verdict.textContent = `Needs attention: ${o.reason}${cause}`;
+    verdict.className = "error";
+  } else if (waiting) {
+    verdict.textContent = `Running, but ${waiting} file(s) wait for a person (see Files)`;
+    verdict.className = "warn";
+  } else {
+    verdict.textContent = "Healthy";
+    verdict.className = "ok";
+  }
   const facts = [
     ["Last pass", last ? `${when(last.finished)}, ${last.duration_seconds} s, exit ${last.exit_code} (${last.trigger})` : "none yet"],
     ["Its files", last ? `${last.posted} posted, ${last.notLanded} not landed whole, ${last.failed} to retry, ${last.waitingForApp} waiting for the app` : "–"],
@@ -138,8 +147,9 @@ async function loadCoverage() {
     const svg = await (await api(`/coverage/${c.esiid}.svg`)).blob();
     const img = document.createElement("img");
     img.src = URL.createObjectURL(svg);
-    img.alt = `ESIID ${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing days`;
-    figure.append(img, text("figcaption", `${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing`));
+    const due = c.due ? ` (${c.due} not due yet)` : "";
+    img.alt = `ESIID ${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing days${due}`;
+    figure.append(img, text("figcaption", `${c.esiid}: ${c.complete} complete, ${c.gaps} with gaps, ${c.missing} missing${due}`));
     box.append(figure);
   }
   if (idle.length) {
@@ -170,18 +180,21 @@ function fileRow(row) {
   const dates = s.first_day ? `${s.first_day} – ${s.last_day}` : "–";
   const landing = row.landing || null;
   const intervals = landing ? landedText(landing) : s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
-  tr.append(
+  const reason = row.reason || (landing && NOT_LANDED.includes(landing.verdict) ? landing.detail : "");
+  const cells = [
     text("td", when(row.arrived), "when"),
-    text("td", row.path, "path"),
+    pathCell(row.path),
     text("td", row.source),
     text("td", row.state, `state ${row.needs_operator ? "needs" : ""}`),
-    text("td", row.esiid || "–"),
+    text("td", row.esiid || "–", "esiid"),
     text("td", dates, "dates"),
     landedCell(intervals, landing),
     text("td", row.app_id || "–"),
-    text("td", row.reason || (landing && NOT_LANDED.includes(landing.verdict) ? landing.detail : "")),
-  );
+    reasonCell(reason),
+  ];
+  tr.append(...cells);
   const cell = document.createElement("td");
+  cell.className = "actions";
   if (row.state !== "posted" && row.state !== "ignored") {
     cell.append(actionButton("Ignore", row, "ignore"));
   }
@@ -195,7 +208,35 @@ function fileRow(row) {
     cell.append(actionButton("Forget", row, "forget"));
   }
   tr.append(cell);
+  const labels = [...$("files-table").tHead.rows[0].cells].map((th) => th.textContent);
+  [...tr.cells].forEach((td, i) => { td.dataset.label = labels[i] || ""; });
   return tr;
+}
+
+// A file name that wraps at its separators (_ - .), not in the middle of a word.
+function pathCell(path) {
+  const td = document.createElement("td");
+  td.className = "path";
+  for (const piece of String(path).split(/(?<=[_\-.\/])/)) {
+    td.append(document.createTextNode(piece), document.createElement("wbr"));
+  }
+  return td;
+}
+
+// A long reason (some spell out commands) is folded: its first words, the rest on demand.
+const REASON_FOLD = 90;
+function reasonCell(reason) {
+  const td = document.createElement("td");
+  td.className = "reason";
+  if (reason.length <= REASON_FOLD) {
+    td.textContent = reason;
+    return td;
+  }
+  const details = document.createElement("details");
+  const cut = reason.lastIndexOf(" ", REASON_FOLD);
+  details.append(text("summary", `${reason.slice(0, cut > 40 ? cut : REASON_FOLD)} …`), text("p", reason));
+  td.append(details);
+  return td;
 }
 
 const NOT_LANDED = ["short", "none", "mismatch"];
