@@ -81,12 +81,12 @@ def coverage(
             day += timedelta(days=1)
     due_from = today - timedelta(days=NOT_DUE_DAYS - 1)
 
-    def state(day: date, states: dict[date, str]) -> str:
+    def state_of(day: date, states: dict[date, str]) -> str:
         return states.get(day, DUE if day >= due_from else MISSING)
 
     return {
         esiid: Coverage(
-            esiid, first, [state(first + timedelta(days=i), states) for i in range(days)]
+            esiid, first, [state_of(first + timedelta(days=i), states) for i in range(days)]
         )
         for esiid, states in sorted(found.items())
     }
