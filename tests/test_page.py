@@ -166,7 +166,13 @@ def test_decisions_are_queued_and_applied_by_the_next_pass(
     assert api(server, f"/files/{'1' * 64}/forget", "post", json={}).status_code == 404
     assert spool.depth(Path(env["SMT_SPOOL_DIR"])) == 0  # nothing refused was queued
 
-    ignored = api(server, f"/files/{a}/ignore", "post", json={"reason": "a  test\nexport"})
+    ignored = api(
+        server,
+        f"/files/{a}/ignore",
+        "post",
+        json={"reason": "a  test\nexport"},
+        headers=admin_ticket(),  # the decision names who made it: the ticket's account
+    )
     assert ignored.status_code == 202
     request_id = ignored.json()["id"]
     assert api(server, f"/requests/{request_id}").json()["served"] is False
@@ -184,7 +190,7 @@ def test_decisions_are_queued_and_applied_by_the_next_pass(
         ESIID,
         "M7",
     )
-    assert Ledger.load(Path(env["STATE_FILE"])).outcomes[a]["by"] == "page"
+    assert Ledger.load(Path(env["STATE_FILE"])).outcomes[a]["by"] == "page (ops@example.test)"
 
     # A posted file cannot be ignored (the request is dropped with a warning); forget lifts
     # the ledger's record: b has no ESIID of its own, so it waits as no-esiid again.

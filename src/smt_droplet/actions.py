@@ -26,18 +26,22 @@ class ActionError(ValueError):
     """The decision cannot apply to this file (e.g. ignoring one that is already posted)."""
 
 
-def forget(ledger: Ledger, digest: str, rel: str) -> int:
-    """Drop ``digest`` from the ledger and its sidecar state; the next pass posts it again.
+def forget(ledger: Ledger, digest: str, rel: str, by: str = "page") -> int:
+    """Drop ``digest`` from the ledger and its sidecar state; the next pass handles it again.
 
     Returns the ledger lines removed (0 with a warning when the ledger did not know it)."""
-    known = ledger.is_posted(digest) or ledger.outcome(digest) is not None
+    previous = ledger.outcome(digest)
+    known = ledger.is_posted(digest) or previous is not None
     removed = ledger.forget({digest})
     if known:
+        then = (
+            "the next pass attributes it again: it still needs an ESIID (`smt-droplet post "
+            "FILE --esiid ESIID`, or ESIID_DEFAULT) unless its name or content gained one"
+            if previous is not None and previous.status == Outcome.NO_ESIID
+            else "the next pass posts it again"
+        )
         log.info(
-            "forgot %s sha256=%s (%d ledger line(s)); the next pass posts it again",
-            rel,
-            digest,
-            removed,
+            "forgot %s sha256=%s (%d ledger line(s)) by %s; %s", rel, digest, removed, by, then
         )
     else:
         log.warning("forget: %s (%s) was not in the ledger %s", rel, digest, ledger.state_file)
@@ -83,7 +87,7 @@ def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
         rel = ledger.path_of(digest) or request.filename or digest
         try:
             if action == "forget":
-                forget(ledger, digest, rel)
+                forget(ledger, digest, rel, by)
             else:
                 ignore(ledger, digest, rel, str(request.reason or ""), by)
         except ActionError as exc:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import DELIVERIES, ConfigError
+from .config import DELIVERIES, ConfigError, TargetError
 from .envfile import EnvFileError, load_environment
 from .logsafety import protect_logging, secrets_in
 from .outcomes import ExitCode
@@ -185,13 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that change what the ledger says of a file: their lines also go to the journal under
+# the units' identifier (`journalctl -t smt-ingest`), so the journal's last word on a file is
+# its real state, whoever settled it from a terminal.
+DECISIONS = frozenset({"post", "forget", "ignore", "resend"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.command in DECISIONS and "JOURNAL_STREAM" not in os.environ:
+        from .ansible_support import journal_handler
+
+        handler = journal_handler()
+        if handler is not None:
+            logging.getLogger("smt_droplet").addHandler(handler)
     try:
         env = load_environment(args.env_file or os.environ.get("SMT_ENV_FILE") or None)
         protect_logging(secrets_in(env))  # before anything can log a request or a setting
         return int(args.handler(args, env))
+    except TargetError as exc:  # a mistyped name or digest: not the droplet's configuration
+        log.error("%s: %s", args.command, exc)
+        return ExitCode.CONFIG
     except (ConfigError, EnvFileError) as exc:
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG

@@ -26,6 +26,7 @@ from .config import (
     PostSettings,
     RecordSettings,
     SftpSettings,
+    TargetError,
     check_state_dir,
 )
 from .esiid import normalize_esiid
@@ -119,7 +120,7 @@ def resolve_target(inbox: InboxSettings, ledger: Ledger, target: str) -> Target:
     if len(lowered) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered):
         matches = sorted(d for d in ledger.known_digests() if d.startswith(lowered))
         if len(matches) > 1:
-            raise ConfigError(f"{target} is ambiguous: {len(matches)} digests start with it")
+            raise TargetError(f"{target} is ambiguous: {len(matches)} digests start with it")
         if matches or is_digest(lowered):
             digest = matches[0] if matches else lowered
             rel = ledger.path_of(digest)
@@ -127,9 +128,10 @@ def resolve_target(inbox: InboxSettings, ledger: Ledger, target: str) -> Target:
             if path is not None and not path.is_file():
                 path = None
             return Target(digest, path, rel or digest)
-    raise ConfigError(
+    raise TargetError(
         f"{target}: neither a file (as given or under {inbox.local_dir}) nor a digest (or a "
-        f"unique prefix of at least {MIN_PREFIX} hex digits) the ledger knows"
+        f"unique prefix of at least {MIN_PREFIX} hex digits) the ledger knows; "
+        "`smt-droplet status` lists the files"
     )
 
 
@@ -149,7 +151,7 @@ def run_forget_command(env: Mapping[str, str], args: argparse.Namespace) -> Exit
         with PassLock(lock_path_for(inbox.state_file), wait=inbox.lock_wait):
             ledger = Ledger.load(inbox.state_file)
             target = resolve_target(inbox, ledger, args.target)
-            actions.forget(ledger, target.digest, target.rel)
+            actions.forget(ledger, target.digest, target.rel, by=_operator())
             ledger.save()
     except LockBusy as exc:
         log.error("forget: %s; try again when it has finished", exc)
@@ -180,7 +182,14 @@ def run_ignore_command(env: Mapping[str, str], args: argparse.Namespace) -> Exit
 
 
 def _operator() -> str:
-    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+    """Who ran the command: the wrapper's ``SMT_OPERATOR`` (the sudo user it was run by), else
+    ``SUDO_USER``, else the login."""
+    return (
+        os.environ.get("SMT_OPERATOR")
+        or os.environ.get("SUDO_USER")
+        or os.environ.get("USER")
+        or str(os.getuid())
+    )
 
 
 def run_resend_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCode:
@@ -233,7 +242,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
     inbox = InboxSettings.from_env(env)
     target = resolve_target(inbox, Ledger.load(settings.state_file), args.path)
     if target.path is None:
-        raise ConfigError(f"{args.path}: sha256={target.digest} is not a file in the inbox")
+        raise TargetError(f"{args.path}: sha256={target.digest} is not a file in the inbox")
     check_state_dir(settings.state_file)
     try:
         with PassLock(lock_path_for(settings.state_file), wait=settings.lock_wait):
@@ -248,6 +257,7 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
     except LockBusy as exc:
         log.error("post: %s; try again when it has finished", exc)
         return ExitCode.RETRY
+    log.info("post %s by %s", target.rel, _operator())
     finish_pass(RecordSettings.from_env(env), result, trigger="post")
     for r in result.files:
         if r.outcome == Outcome.SKIPPED_POSTED:

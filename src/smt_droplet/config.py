@@ -43,6 +43,11 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+class TargetError(ConfigError):
+    """A command was pointed at a file or digest that is not there (exit 2, but not reported
+    as a configuration error)."""
+
+
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     value = env.get(name)
     if value is None or value.strip() == "":

@@ -128,6 +128,16 @@ class OperatorPage:
                 return "ticket"
         return None
 
+    def _signed_in_as(self, request: web.Request) -> str:
+        """Who made a page decision: an admin ticket's account, else the upload token."""
+        raw = request.headers.get(TICKET_HEADER)
+        if raw is not None:
+            try:
+                return verify(raw.strip(), self.settings.ticket_secrets).account
+            except TicketError:
+                pass
+        return "upload token"
+
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every ``/api/v1`` call needs an admin's secret; answers are never cached."""
@@ -250,7 +260,8 @@ class OperatorPage:
             return json_error(request, 400, "bad_json", "send a JSON object")
         ledger = Ledger.load(self.settings.state_file)
         rel = ledger.path_of(digest)
-        fields: dict[str, Any] = {"extra": {"action": action, "sha256": digest, "by": "page"}}
+        by = f"page ({self._signed_in_as(request)})"
+        fields: dict[str, Any] = {"extra": {"action": action, "sha256": digest, "by": by}}
         if action == "ignore":
             reason = " ".join(str(body.get("reason") or "").split())[:500]
             if not reason:
