@@ -88,3 +88,20 @@ def test_a_mistyped_name_is_not_a_configuration_error(env, inbox: Path) -> None:
         assert "configuration error" not in proc.stderr
         assert f"{command[0]}: no-such.csv: neither a file" in proc.stderr
         assert "`smt-droplet status` lists the files" in proc.stderr
+
+
+def test_control_characters_in_a_name_are_escaped_in_the_journal_and_status(
+    env, inbox: Path, journal
+) -> None:
+    _, sock = journal
+    name = "red\x1b[31m\rforged.csv"
+    (inbox / name).write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")  # no ESIID: a warning
+    proc = cli(["ingest", "--no-sync"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr
+    assert "red\\x1b[31m\\x0dforged.csv needs an operator" in proc.stderr
+    shown = cli(["status"], env).stdout
+    assert "\x1b" not in shown and "red\\x1b[31m\\x0dforged.csv" in shown
+    assert cli(["forget", name], env).returncode == 0
+    said = "".join(received(sock))
+    assert "\x1b" not in said and "forgot red\\x1b[31m\\x0dforged.csv" in said

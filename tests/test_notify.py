@@ -119,3 +119,18 @@ def test_delivery_failure_and_bad_settings(env, receiver, tmp_path) -> None:
     unreachable = {**env, "SMT_NOTIFY_URL": "http://127.0.0.1:9/x"}
     proc = cli(["notify", "failure", "smt-webhook.service"], unreachable)
     assert proc.returncode == 1 and "unreachable" in proc.stderr
+
+
+def test_file_names_cannot_ping_a_room_or_move_a_cursor(env, receiver) -> None:
+    files = [
+        {"path": "<!channel> call @here now.csv", "needs_operator": True, "outcome": "no-esiid"},
+        {"path": "red\x1b[31m.csv", "needs_operator": True, "outcome": "no-esiid"},
+    ]
+    record(env, last_success_ts=time.time(), needs_operator=2, files=files)
+    assert cli(["notify", "check"], env).returncode == 0
+    body = receiver.bodies[0]
+    assert "<!channel>" not in body["text"] and "&lt;!channel&gt; call" in body["text"]
+    assert body["allowed_mentions"] == {"parse": []}  # Discord: @here pings nobody
+    for field in ("text", "content", "message", "title"):
+        assert "\x1b" not in body[field], field
+    assert "red\\x1b[31m.csv" in body["message"]

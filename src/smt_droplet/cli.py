@@ -198,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ansible_support import journal_handler
 
         handler = journal_handler()
-        if handler is not None:
-            logging.getLogger("smt_droplet").addHandler(handler)
+        if handler is not None:  # on the root logger: protect_logging's filters cover it too
+            logging.getLogger().addHandler(handler)
     try:
         env = load_environment(args.env_file or os.environ.get("SMT_ENV_FILE") or None)
         protect_logging(secrets_in(env))  # before anything can log a request or a setting

@@ -9,6 +9,9 @@ soon as the settings are known):
 * :class:`MalformedRequestSummary`, on aiohttp's server logger: a request the HTTP parser refused
   (a header line with a stray CR, a bad status line...) is logged as one line naming the error
   class, never the raw bytes aiohttp quotes (which may hold a token).
+* :class:`ControlEscaper`, on every handler of the root logger: control characters (ESC, CR,
+  BEL, ... — everything but newline and tab) in a message are written as ``\\xNN``, so a file
+  name, a reason or an app's message cannot move a terminal's cursor or forge a line.
 * :class:`FloodGate`, on the library loggers that one client can make talk (aiohttp's server and
   web loggers, asyncio): at most ``burst`` records per ``interval`` seconds each, then one line
   saying how many were suppressed.
@@ -17,6 +20,7 @@ soon as the settings are known):
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -25,6 +29,27 @@ from .envfile import SECRET_SETTINGS
 REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 6  # shorter values would redact ordinary words
 NOISY_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "asyncio")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def visible(text: str, *, newlines: bool = True) -> str:
+    """``text`` with its control characters as ``\\xNN`` (tab kept; newlines kept unless
+    ``newlines=False``): safe to print to a terminal, a journal line or a chat message."""
+    pattern = _CONTROL if newlines else _CONTROL_OR_NEWLINE
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class ControlEscaper(logging.Filter):
+    """Writes the control characters of a record's message as ``\\xNN`` (see :func:`visible`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg, record.args = visible(message), None
+        return True
 
 
 def secrets_in(env: Mapping[str, str]) -> list[str]:
@@ -128,9 +153,11 @@ def protect_logging(secrets: Iterable[str]) -> None:
         owner.removeFilter(installed)
     _installed.clear()
     redactor = SecretRedactor(secrets)
+    escaper = ControlEscaper()
     for handler in logging.getLogger().handlers:
-        handler.addFilter(redactor)
-        _installed.append((handler, redactor))
+        for installed in (redactor, escaper):
+            handler.addFilter(installed)
+            _installed.append((handler, installed))
     server = logging.getLogger("aiohttp.server")
     summary = MalformedRequestSummary()
     server.addFilter(summary)

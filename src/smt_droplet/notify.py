@@ -27,6 +27,7 @@ from typing import Any
 from . import durable, spool
 from .config import ConfigError, NotifySettings
 from .landing import NOT_LANDED
+from .logsafety import visible
 from .outcomes import iso_utc
 from .passrecord import verdict
 
@@ -40,12 +41,23 @@ class NotifyError(Exception):
 
 
 def payload(title: str, text: str, topic: str | None) -> dict[str, Any]:
-    """One body for Slack, Discord and ntfy (each ignores the others' fields)."""
-    body: dict[str, Any] = {"text": f"*{title}*\n{text}", "content": f"**{title}**\n{text}"}
-    body.update(title=title, message=text)
+    """One body for Slack, Discord and ntfy (each ignores the others' fields).
+
+    What a file name or an app's message brings stays plain text: control characters escaped,
+    Slack's markup (``<!channel>``, ``<@U1>``, links) written as entities, and Discord told to
+    ping nobody (``allowed_mentions``)."""
+    title, text = visible(title, newlines=False), visible(text)
+    slack = f"*{_slack_escape(title)}*\n{_slack_escape(text)}"
+    body: dict[str, Any] = {"text": slack, "content": f"**{title}**\n{text}"}
+    body.update(title=title, message=text, allowed_mentions={"parse": []})
     if topic:
         body["topic"] = topic
     return body
+
+
+def _slack_escape(text: str) -> str:
+    """Slack's three control characters as entities: no mention, channel ping or link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def send(settings: NotifySettings, title: str, text: str) -> None:
@@ -67,8 +79,8 @@ def send(settings: NotifySettings, title: str, text: str) -> None:
     if settings.mail_to:
         mail = EmailMessage()
         mail["To"] = settings.mail_to
-        mail["Subject"] = title
-        mail.set_content(text)
+        mail["Subject"] = visible(title, newlines=False)
+        mail.set_content(visible(text))
         try:
             subprocess.run(
                 ["/usr/sbin/sendmail", "-t", "-oi"],

@@ -16,6 +16,7 @@ from .inbox import scan_inbox
 from .landing import NOT_LANDED
 from .landing import brief as landing_brief
 from .ledger import Ledger, LedgerError
+from .logsafety import visible
 from .outcomes import NEEDS_OPERATOR, iso_utc
 from .process import file_digest
 
@@ -155,7 +156,8 @@ def _str_or_none(value: Any) -> str | None:
 
 def format_report(report: dict[str, Any]) -> list[str]:
     """The text form: one line per file (those that need an operator first, their reason on
-    the line), then one line of totals."""
+    the line), then one line of totals; control characters (a file name's, an app's message's)
+    are shown escaped."""
     lines = []
     for row in report["files"]:
         parts = [f"{row['state']:<17}", row["path"], f"sha256={row['sha256'][:12]}"]
@@ -175,7 +177,7 @@ def format_report(report: dict[str, Any]) -> list[str]:
             parts.append(f"landing: {row['landing'].get('detail')}")
         if row["reason"]:
             parts.append(f"reason: {row['reason']}")
-        lines.append(" ".join(parts))
+        lines.append(visible(" ".join(parts), newlines=False))
     counts = " ".join(f"{k}={v}" for k, v in sorted(report["counts"].items()))
     landed = " ".join(f"{k}={v}" for k, v in sorted(report.get("landing", {}).items()))
     lines.append(
