@@ -223,6 +223,37 @@ def test_a_file_that_keeps_failing_shows_its_reason_everywhere(
     assert api(server, "/overview").json()["lastPass"]["posted"] == 1
 
 
+def test_decisions_only_for_files_the_droplet_holds_and_an_esiid_decision_lasts(
+    server: ServerProcess, env: dict[str, str], inbox: Path, webapp
+) -> None:
+    orphan = inbox / "orphan.csv"
+    orphan.write_bytes(b"USAGE_DATE,USAGE_KWH\n3/8/2025,1.0\n")
+    later = b"USAGE_DATE,USAGE_KWH\n3/9/2025,2.0\n"  # bytes SFTP will deliver later
+    unseen = sha256(later)
+    assert api(server, f"/files/{unseen}/ignore", "post", json={"reason": "x"}).status_code == 404
+    assert api(server, f"/files/{unseen}/forget", "post", json={}).status_code == 404
+    # a forged request for those bytes (the spool is shared) is dropped by the pass too
+    spool.enqueue(
+        Path(env["SMT_SPOOL_DIR"]),
+        "page",
+        reason="forged",
+        extra={"action": "ignore", "sha256": unseen, "by": "page"},
+    )
+    assert run_pass(fast_env(env), sync=False).counts() == {"no-esiid": 1}
+    (inbox / "later.csv").write_bytes(later)
+    assert run_pass(fast_env(env), sync=False).counts()["no-esiid"] == 2  # not "ignored"
+
+    decided = api(server, f"/files/{sha256(orphan)}/post", "post", json={"esiid": ESIID})
+    assert decided.status_code == 202
+    webapp.fail_next(4, 500)  # the first pass after the decision cannot post
+    first = run_pass(fast_env(env), sync=False)
+    assert first.counts()["failed-will-retry"] == 1
+    assert api(server, f"/files/{sha256(orphan)}").json()["esiid"] == ESIID
+    second = run_pass(fast_env(env), sync=False)  # no request any more: the decision lasts
+    assert second.counts()["posted"] == 1
+    assert [r["esiid"] for r in webapp.posted()] == [ESIID]
+
+
 def test_coverage_counts_complete_partial_and_missing_days() -> None:
     today = date(2026, 3, 10)
     records = [

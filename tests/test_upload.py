@@ -203,7 +203,13 @@ def test_health_and_unknown_routes(box: Box, server: ServerProcess) -> None:
     assert r.json() == {"ok": True, "service": "smt-upload"}  # strangers learn nothing more
     r = requests.get(server.url("/health"), headers={"x-smt-upload-token": TOKEN}, timeout=5)
     assert r.json()["ok"] is True and r.json()["queueDepth"] == 0
-    assert r.json()["checks"] == {"spool": True, "inbox": True, "limiter": True, "ingest": True}
+    assert r.json()["checks"] == {
+        "spool": True,
+        "inbox": True,
+        "limiter": True,
+        "disk": True,
+        "ingest": True,
+    }
     assert requests.get(server.url("/nope"), timeout=5).status_code == 404
     assert requests.get(server.url("/upload"), timeout=5).status_code == 405
 

@@ -253,8 +253,9 @@ def test_health_reports_queue_depth_and_last_ingest(hook: Hook, server: ServerPr
         "service": "smt-webhook",
         "queueDepth": 0,
         "lastIngest": None,
-        "checks": {"spool": True, "ingest": True},
+        "checks": {"spool": True, "disk": True, "ingest": True},
     }
+    assert r.headers["Cache-Control"] == "no-store"  # what the secret shows is never cached
     trigger(server)
     spool.write_last_result(hook.spool, {"exit_code": 0, "posted": 3})
     r = requests.get(server.url("/health"), headers=auth, timeout=5)
@@ -284,6 +285,12 @@ def test_health_degrades_when_the_last_pass_failed_or_success_is_stale(
     assert r.status_code == 503 and r.json()["reason"] == "no successful ingest pass for 4.0 h"
     spool.write_last_result(hook.spool, {"exit_code": 0, "last_success_ts": now})
     assert requests.get(server.url("/health"), timeout=5).status_code == 200
+    # the last pass stopped downloading below the free-space guard: the disk is full
+    full = {"exit_code": 1, "last_success_ts": now, "skipped_no_space": 2}
+    spool.write_last_result(hook.spool, full)
+    r = requests.get(server.url("/health"), headers=auth, timeout=5)
+    assert r.status_code == 503 and r.json()["checks"]["disk"] is False
+    assert r.json()["reason"].startswith("disk check failed")
 
 
 # -- signatures -----------------------------------------------------------------------------------

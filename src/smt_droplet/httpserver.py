@@ -15,6 +15,7 @@ import hmac
 import inspect
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -84,14 +85,17 @@ def health_response(
     *,
     spool_dir: Path,
     stale_after: float,
+    min_free_bytes: int = 0,
 ) -> web.Response:
-    """``GET /health``: 503 when this service cannot serve or the ingest needs attention (the
-    last pass failed, or no pass succeeded for ``stale_after`` seconds: passrecord.verdict).
-    Without credentials only that, and a generic reason; with them also ``details()``, each
-    check and the exact reason. Nothing about the box leaks to strangers."""
+    """``GET /health``: 503 when this service cannot serve, the disk is below the free-space
+    guard (``min_free_bytes``, or the last pass stopped downloading for it), or the ingest needs
+    attention (the last pass failed, or no pass succeeded for ``stale_after`` seconds:
+    passrecord.verdict). Without credentials only that, and a generic reason; with them also
+    ``details()``, each check and the exact reason. Nothing about the box leaks to strangers;
+    never cached."""
     last = spool.read_last_result(spool_dir)
     ingest = verdict(last, stale_after)
-    checks = {**checks, "ingest": not ingest}
+    checks = {**checks, "disk": _disk_ok(spool_dir, min_free_bytes, last), "ingest": not ingest}
     ok = all(checks.values())
     set_outcome(request, "health" if ok else "health_degraded")
     body: dict[str, Any] = {"ok": ok, "service": service}
@@ -105,7 +109,20 @@ def health_response(
         reasons = [*(f"{name} check failed" for name in failed), *([ingest] if ingest else [])]
         if reasons:
             body["reason"] = "; ".join(reasons)
-    return web.json_response(body, status=200 if ok else 503)
+    return web.json_response(body, status=200 if ok else 503, headers={"Cache-Control": "no-store"})
+
+
+def _disk_ok(spool_dir: Path, min_free_bytes: int, last: dict[str, Any] | None) -> bool:
+    """Above the free-space guard: this server's own floor, and the last pass's (it skipped
+    downloads for lack of space)."""
+    if last and int(last.get("skipped_no_space") or 0) > 0:
+        return False
+    if min_free_bytes <= 0:
+        return True
+    try:
+        return shutil.disk_usage(spool_dir).free >= min_free_bytes
+    except OSError:
+        return False
 
 
 LOOPBACK = frozenset({"127.0.0.1", "::1"})

@@ -262,6 +262,9 @@ class OperatorPage:
         rel = ledger.path_of(digest)
         by = f"page ({self._signed_in_as(request)})"
         fields: dict[str, Any] = {"extra": {"action": action, "sha256": digest, "by": by}}
+        known = rel is not None or ledger.is_posted(digest) or ledger.outcome(digest) is not None
+        if action != "post" and not known:  # a decision only for a file the droplet holds
+            return json_error(request, 404, "unknown_file", "the ledger does not know this file")
         if action == "ignore":
             reason = " ".join(str(body.get("reason") or "").split())[:500]
             if not reason:
@@ -289,8 +292,6 @@ class OperatorPage:
                 meter=record.get("meter"),
                 reason="page: send again",
             )
-        elif rel is None and not ledger.is_posted(digest) and ledger.outcome(digest) is None:
-            return json_error(request, 404, "unknown_file", "the ledger does not know this file")
         try:
             queued = spool.enqueue(self.settings.spool_dir, "page", **fields)
         except spool.SpoolError:

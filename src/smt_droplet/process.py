@@ -96,6 +96,7 @@ def process_file(
     defaults: Defaults = [
         (normalize_esiid(esiid), meter),
         *ctx.plan.defaults_for(item.rel),
+        _tried_before(ctx.ledger, result.sha256),
         (ctx.settings.esiid_default, ctx.settings.meter_default),
     ]
     armored = looks_armored(data)  # content decides, not the name
@@ -113,6 +114,15 @@ def process_file(
 
 
 # -- decide ---------------------------------------------------------------------------------
+
+
+def _tried_before(ledger: Ledger, digest: str | None) -> tuple[str | None, str | None]:
+    """The ESIID and meter a failed post of these bytes went out with (an operator's "post with
+    ESIID" decision, a trigger's default): it lasts until the file is posted or changed."""
+    record = ledger.outcomes.get(digest or "") or {}
+    if record.get("status") != Outcome.FAILED:
+        return None, None
+    return record.get("esiid"), record.get("meter")
 
 
 def _unsettled_bytes(

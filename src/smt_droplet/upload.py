@@ -392,6 +392,7 @@ class UploadService:
             },
             spool_dir=settings.spool_dir,
             stale_after=settings.stale_after,
+            min_free_bytes=settings.min_free_bytes,
         )
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
