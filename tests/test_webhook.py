@@ -652,3 +652,48 @@ def test_force_repost_trigger_makes_the_next_pass_repost(
         assert hook.queued() == []
     finally:
         server.ensure_stopped()
+
+
+def test_stalled_unauthenticated_bodies_take_no_queue_slot_and_abort_quietly(
+    tmp_path: Path,
+) -> None:
+    """Anyone can send a ``webhook-signature`` header and then stall: such a body is read (under
+    SMT_WEBHOOK_BODY_TIMEOUT) and verified before a queue slot is taken, so real triggers still
+    queue; a stall that times out is a 408, one that the client aborts one line, no traceback."""
+    import socket
+
+    h = Hook(
+        tmp_path,
+        SMT_WEBHOOK_SIGNATURE="accept",
+        SMT_WEBHOOK_MAX_QUEUED="3",
+        SMT_WEBHOOK_BODY_TIMEOUT="2",
+    )
+    server = h.start()
+    try:
+        head = (
+            b"POST /trigger/smt-now HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"webhook-id: msg_1\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,AAAA\r\n"
+            b"content-length: 100\r\n\r\n"
+        )
+        stalls = []
+        for _ in range(20):  # more than the queue's 3 slots; the body never comes
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(head + b"{")
+            stalls.append(sock)
+        time.sleep(0.3)
+        for _ in range(3):  # while they stall, real triggers fill the queue as usual
+            assert trigger(server).status_code == 202
+        assert trigger(server).status_code == 429  # the cap counts real requests only
+        for sock in stalls[:10]:  # half go away mid-body
+            sock.close()
+        answers = []
+        for sock in stalls[10:]:  # the rest get their 408 after the body timeout
+            answers.append(sock.recv(4096))
+            sock.close()
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:2]
+        time.sleep(0.3)
+        log = server.log()
+        assert "Traceback" not in log and "Error handling request" not in log
+        assert len(h.queued()) == 3
+    finally:
+        server.ensure_stopped()

@@ -564,6 +564,7 @@ class WebhookSettings:
     max_queued: int = 20
     retry_after: int = 30
     max_body_bytes: int = 64 * 1024
+    body_timeout: float = 10.0  # SMT_WEBHOOK_BODY_TIMEOUT: the whole body within this
     signature: str = "off"
     signature_window: float = 300.0
     shutdown_grace: float = 10.0
@@ -596,6 +597,7 @@ class WebhookSettings:
             port=_port(env, "SMT_WEBHOOK_PORT", 8787),
             max_queued=_int(env, "SMT_WEBHOOK_MAX_QUEUED", 20, minimum=1),
             retry_after=_int(env, "SMT_WEBHOOK_RETRY_AFTER", 30, minimum=1),
+            body_timeout=_float(env, "SMT_WEBHOOK_BODY_TIMEOUT", 10.0, minimum=0.5),
             signature=_choice(env, "SMT_WEBHOOK_SIGNATURE", SIGNATURE_MODES),
             signature_window=_signature_window(env),
             shutdown_grace=_float(env, "SMT_SHUTDOWN_GRACE", 10.0),

@@ -22,7 +22,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import spool
 from .config import ConnectionLimits
@@ -69,6 +71,16 @@ class Reject(Exception):
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status)
         self.response = response
+
+
+# What reading a request body raises when the client sends a broken body or goes away.
+BODY_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientError,  # ClientPayloadError, ClientConnectionError
+    HttpProcessingError,  # ContentLengthError, TransferEncodingError
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    EOFError,
+)
 
 
 def spool_writable(spool_dir: Path) -> bool:

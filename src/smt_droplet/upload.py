@@ -29,14 +29,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import BodyPartReader, web, web_urldispatcher
-from aiohttp.http_exceptions import HttpProcessingError
 
 from . import filenames, spool
 from .config import UploadSettings
 from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
+    BODY_ERRORS,
     Reject,
     RequestTracker,
     health_response,
@@ -69,13 +68,6 @@ MAX_EXTRA_FIELD = 64 * 1024
 _default_expect_handler = web_urldispatcher._default_expect_handler
 
 # What a cut-off or malformed body raises from aiohttp's readers (3.8 and later).
-_BODY_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError,  # ClientPayloadError, ClientConnectionError
-    HttpProcessingError,  # ContentLengthError, TransferEncodingError
-    ConnectionError,
-    asyncio.IncompleteReadError,
-    EOFError,
-)
 
 
 @dataclass
@@ -330,7 +322,7 @@ class UploadService:
             return reject.response
         except TimeoutError:
             return json_error(request, 408, "timeout", "the upload took too long")
-        except _BODY_ERRORS as exc:
+        except BODY_ERRORS as exc:
             log.debug("upload from %s cut off: %s", request.remote, exc)
             return json_error(request, 400, "incomplete_body", "the upload was cut off")
         except ValueError as exc:  # aiohttp's multipart parser on a malformed body

@@ -34,6 +34,7 @@ from . import spool
 from .config import WebhookSettings
 from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
+    BODY_ERRORS,
     RequestTracker,
     health_response,
     json_error,
@@ -184,26 +185,25 @@ class WebhookService:
         return None
 
     async def trigger(self, request: web.Request) -> web.Response:
+        """Credentials and the whole body (under ``body_timeout``) first, the signature, the
+        JSON, and only then a queue slot: a stalled or unsigned body never holds one."""
         mode = self.settings.signature
         secret_ok = self._secret_ok(request) and mode != "require"
         signed = any(h in request.headers for h in SIGNATURE_HEADERS)
         if not secret_ok and (mode == "off" or not signed):
             return json_error(request, 401, "unauthorized", "missing or wrong webhook secret")
-
         cap = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > cap:
             return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
-        full = self._queue_full(request)
-        if full is not None:
-            return full
         try:
-            return await self._accept(request, secret_ok)
-        finally:
-            self._in_flight -= 1
-
-    async def _accept(self, request: web.Request, secret_ok: bool) -> web.Response:
-        cap = self.settings.max_body_bytes
-        body = await self._read_capped(request)
+            body = await asyncio.wait_for(
+                self._read_capped(request), timeout=self.settings.body_timeout
+            )
+        except TimeoutError:
+            return json_error(request, 408, "timeout", "the request body took too long")
+        except BODY_ERRORS as exc:  # the client went away mid-body: one line, no traceback
+            log.debug("trigger from %s cut off: %s", request.remote, exc)
+            return json_error(request, 400, "incomplete_body", "the request body was cut off")
         if body is None:
             return json_error(request, 413, "body_too_large", f"body exceeds {cap} bytes")
         verified: Verified | None = None
@@ -222,6 +222,18 @@ class WebhookService:
         except TriggerError as exc:
             self._forget(verified)
             return json_error(request, 400, exc.code, exc.message)
+        full = self._queue_full(request)
+        if full is not None:
+            self._forget(verified)  # not queued: the sender may deliver it again
+            return full
+        try:
+            return await self._queue(request, trigger, verified)
+        finally:
+            self._in_flight -= 1
+
+    async def _queue(
+        self, request: web.Request, trigger: Trigger, verified: Verified | None
+    ) -> web.Response:
         try:
             queued = await asyncio.get_running_loop().run_in_executor(
                 None, self._enqueue, trigger, request.remote or ""
