@@ -905,6 +905,8 @@ def start_caddy_front(r: Runner, directory: Path, upload_port: int) -> tuple[Any
         "smt_tls_read_header_timeout": "10s",
         "smt_tls_read_body_timeout": "10m",
         "smt_tls_idle_timeout": "2m",
+        # the upload server's default cap (25 MiB) plus multipart framing, as the role derives it
+        "smt_tls_upload_max_body": 26 * 1024 * 1024,
     }
     (directory / "caddy-vars.json").write_text(json.dumps(variables))
     caddyfile = directory / "Caddyfile"
