@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import requests
 from frontstack import CADDY, TOKEN, FrontStack, start_front
+from helpers import ANSIBLE_PLAYBOOK
 
-pytestmark = pytest.mark.skipif(CADDY is None, reason="caddy is not unpacked (scripts/setup)")
+pytestmark = pytest.mark.skipif(
+    CADDY is None or not ANSIBLE_PLAYBOOK.exists(),
+    reason="caddy (unpacked by scripts/setup) and the venv's ansible-playbook are needed",
+)
 
 
 @pytest.fixture(scope="module")
