@@ -933,3 +933,40 @@ def test_ignored_fields_count_against_the_body_cap(box: Box, server: ServerProce
     )
     assert r.status_code == 413 and r.json()["error"] == "body_too_large", r.text
     assert box.inbox_names() == [] and box.queued() == []
+
+
+def test_the_free_space_guard_counts_uploads_in_flight(tmp_path: Path) -> None:
+    """Stalled uploads hold the space they declared: a third one that would fit alone but not
+    beside them is 507 at once; once they are gone it fits again."""
+    import shutil
+    import socket
+
+    free = shutil.disk_usage(tmp_path).free
+    declared = 40 * 2**20
+    floor_mb = (free - 100 * 2**20) // 2**20  # room for two declared uploads, not three
+    b = Box(tmp_path, SMT_UPLOAD_MAX_BYTES=str(64 * 2**20), SMT_MIN_FREE_MB=str(floor_mb))
+    server = b.start()
+    head = (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nx-smt-upload-token: {TOKEN}\r\n"
+        "content-type: multipart/form-data; boundary=b\r\n"
+        f"content-length: {declared}\r\n\r\n"
+    ).encode()
+    try:
+        stalled = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(head + b"--b\r\n")
+            stalled.append(sock)
+        time.sleep(0.5)
+        third = raw_request(server.port, head + b"--b\r\n")
+        assert third.startswith(b"HTTP/1.1 507"), third[:200]
+        for sock in stalled:
+            sock.close()
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + b"--b\r\n")
+            sock.settimeout(1.0)
+            with pytest.raises(TimeoutError):  # no 507: the server waits for the body
+                sock.recv(4096)
+    finally:
+        server.ensure_stopped()

@@ -90,6 +90,7 @@ class UploadService:
         self.settings = settings
         self.limits = UploadLimits(settings, limiter)
         self.store = InboxStore(settings)
+        self._reserved = 0  # bytes the uploads in flight may still write (free-space guard)
 
     # -- checks before the body ------------------------------------------------------------
 
@@ -119,9 +120,14 @@ class UploadService:
             )
         return self._space_check(request)
 
+    def _claim(self, request: web.Request) -> int:
+        """What an upload may write: its declared length, or the cap for a chunked body."""
+        return request.content_length or self.settings.max_bytes + MULTIPART_SLACK
+
     def _space_check(self, request: web.Request) -> web.Response | None:
-        """507 before the body when the upload would leave less than ``SMT_MIN_FREE_MB`` free
-        (the same threshold that stops the pass's downloads)."""
+        """507 before the body when the upload, counted with every upload still in flight (their
+        declared lengths, or the cap), would leave less than ``SMT_MIN_FREE_MB`` free (the same
+        threshold that stops the pass's downloads)."""
         floor = self.settings.min_free_bytes
         if not floor:
             return None
@@ -129,7 +135,7 @@ class UploadService:
             free = shutil.disk_usage(self.settings.inbox).free
         except OSError:
             return None  # storing will fail and say why
-        if free - (request.content_length or 0) < floor:
+        if free - self._reserved - self._claim(request) < floor:
             log.error(
                 "upload refused: %d MiB free on %s, SMT_MIN_FREE_MB=%d",
                 free // 2**20,
@@ -312,6 +318,8 @@ class UploadService:
         if rejected is not None:
             return rejected
         attempt = _Attempt()
+        claim = self._claim(request)  # no await since the space check: held from here on
+        self._reserved += claim
         try:
             self.limits.reserve(request, attempt.slot)  # before the body
             await asyncio.wait_for(
@@ -334,6 +342,7 @@ class UploadService:
             log.error("cannot store upload in %s: %s", self.settings.inbox, exc)
             return json_error(request, 507, "storage_failed", "the upload could not be stored")
         finally:
+            self._reserved -= claim
             self._cleanup(attempt)
 
     async def preflight(self, request: web.Request) -> web.Response:
