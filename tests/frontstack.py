@@ -171,8 +171,11 @@ def _wait_for_tls(port: int, ca: Path, caddy: subprocess.Popen[bytes], log: Path
     raise RuntimeError(f"caddy did not serve TLS on {port}:\n{log.read_text()}")
 
 
-def start_front(root: Path, app_page: Path, foreign_page: Path) -> FrontStack:
-    """Everything in the module docstring, under ``root``; the caller stops it."""
+def start_front(
+    root: Path, app_page: Path, foreign_page: Path, upload_env: dict[str, str] | None = None
+) -> FrontStack:
+    """Everything in the module docstring, under ``root``; the caller stops it.
+    ``upload_env``: more settings for the upload server."""
     assert CADDY is not None and ANSIBLE_PLAYBOOK.exists()
     inbox, spool, state = root / "inbox", root / "spool", root / "state"
     for d in (inbox, spool, state):
@@ -197,6 +200,7 @@ def start_front(root: Path, app_page: Path, foreign_page: Path) -> FrontStack:
             "SMT_UPLOAD_CORS_ORIGIN": f"https://localhost:{app_port}",
             "SMT_UPLOAD_MAX_BYTES": str(20 * 1024 * 1024),
             "SMT_SHUTDOWN_GRACE": "1",
+            **(upload_env or {}),
         },
         root / "upload-server.log",
     ).start()

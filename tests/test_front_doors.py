@@ -1,6 +1,6 @@
 """The TLS front's own limits (the role's Caddyfile, real Caddy): no HTTP/3 advertised while
-only TCP 443 is open, an upload without any credential refused before ``100 Continue``, and
-request bodies capped by Caddy itself."""
+only TCP 443 is open, an upload without any credential refused before ``100 Continue``,
+request bodies capped by Caddy itself, and budgets per real client behind it."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontStack]:
     for site in ("app", "foreign"):
         (root / site).mkdir()
         (root / site / "index.html").write_text("<!doctype html><title>x</title>")
-    stack = start_front(root, root / "app", root / "foreign")
+    stack = start_front(
+        root, root / "app", root / "foreign", upload_env={"SMT_UPLOAD_CLIENT_DAILY_LIMIT": "2"}
+    )
     try:
         yield stack
     finally:
@@ -91,3 +93,43 @@ def test_caddy_caps_request_bodies_itself(front: FrontStack) -> None:
         assert r.status_code == 413, (path, r.status_code, r.text[:200])
     log = Path(front.root / "upload-server.log").read_text(errors="replace")
     assert "/ignore" not in log  # the upload server never saw the oversized body
+
+
+def upload_from(front: FrontStack, source: str, name: str) -> int:
+    """One upload through the front from the loopback address ``source`` (127.0.0.0/8)."""
+    import http.client
+
+    csv = b"ESIID,USAGE_DATE,NOTE\n'10443720000000099,3/8/2025," + name.encode() + b"\n"
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="'
+        + name.encode()
+        + b'"\r\nContent-Type: text/csv\r\n\r\n'
+        + csv
+        + b"\r\n--b--\r\n"
+    )
+    context = ssl.create_default_context(cafile=str(front.ca))
+    conn = http.client.HTTPSConnection(
+        "localhost", front.port, source_address=(source, 0), context=context, timeout=10
+    )
+    try:
+        conn.request(
+            "POST",
+            "/upload",
+            body=body,
+            headers={
+                "x-smt-upload-token": TOKEN,
+                "content-type": "multipart/form-data; boundary=b",
+            },
+        )
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_the_daily_budget_is_per_real_client_behind_the_front(front: FrontStack) -> None:
+    """Every connection to the upload server comes from Caddy on 127.0.0.1; the budget still
+    counts each client by the address Caddy saw (X-Forwarded-For, trusted from loopback only)."""
+    assert [upload_from(front, "127.0.0.2", f"a{i}.csv") for i in range(3)] == [202, 202, 429]
+    assert upload_from(front, "127.0.0.4", "b.csv") == 202  # another client is not locked out
+    log = Path(front.root / "upload-server.log").read_text(errors="replace")
+    assert "client=127.0.0.2" in log and "client=127.0.0.4" in log

@@ -9,7 +9,10 @@ connection therefore goes through a :class:`ConnectionGuard`:
   ``header_timeout`` seconds of the connection opening — or, on a kept-alive connection, of
   the next request's first byte — else the connection is closed;
 * **caps**: at most ``max_connections`` open connections in total and ``max_per_client`` per
-  client address; a connection over a cap is closed at once, before aiohttp sees it;
+  client address; a connection over a cap is closed at once, before aiohttp sees it. Loopback
+  peers are the TLS front (every client behind it arrives from 127.0.0.1): they count toward
+  the total only, and the requests in flight per real client (``X-Forwarded-For``) are capped
+  per request instead (:class:`~smt_droplet.httpserver.RequestTracker`);
 * what the guard refuses is logged through a flood gate (one client cannot fill the journal).
 
 Once a header is complete the guard steps aside: body time is the handlers' business (the upload
@@ -32,6 +35,7 @@ _gate = FloodGate(burst=10, interval=10.0)
 log.addFilter(_gate)
 
 HEADER_END = b"\r\n\r\n"
+LOOPBACK = frozenset({"127.0.0.1", "::1"})  # the TLS front (httpserver.LOOPBACK likewise)
 
 
 class ConnectionGuard:
@@ -54,7 +58,7 @@ class ConnectionGuard:
                 self.limits.max_connections,
             )
             return False
-        if self._per_client[client] >= self.limits.max_per_client:
+        if client not in LOOPBACK and self._per_client[client] >= self.limits.max_per_client:
             log.warning(
                 "refused a connection from %s: it holds %d already (cap per client %d)",
                 client,

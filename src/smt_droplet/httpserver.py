@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import ipaddress
 import logging
 import os
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,19 @@ def _disk_ok(spool_dir: Path, min_free_bytes: int, last: dict[str, Any] | None) 
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
+def client_address(request: web.Request) -> str:
+    """The client's address. Behind the TLS front every connection comes from loopback; there
+    (and only there) the last ``X-Forwarded-For`` entry is the client's — Caddy writes it and
+    drops what an untrusted client sent — so budgets and caps apply per real client."""
+    remote = request.remote or "unknown"
+    if remote in LOOPBACK:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if forwarded:
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(forwarded))
+    return remote
+
+
 def metrics_response(request: web.Request, metrics: Any, authorized: bool) -> web.Response:
     """``GET /metrics``: for loopback clients not proxied by the TLS front, or with the
     service's credentials; 404 when ``prometheus_client`` is missing."""
@@ -173,7 +188,7 @@ def log_access(request: web.Request, status: int | str, out_bytes: int, started:
         status,
         request.get(BYTES_IN) or getattr(request.content, "total_bytes", 0),
         out_bytes,
-        request.remote or "-",
+        client_address(request) if request.remote else "-",
         request.get(OUTCOME, "-"),
         (time.monotonic() - started) * 1000.0,
     )
@@ -188,8 +203,10 @@ class RequestTracker:
     grace period ends), and only then lets aiohttp close what is left.
     """
 
-    def __init__(self, metrics: Any = None) -> None:
+    def __init__(self, metrics: Any = None, max_per_client: int = 64) -> None:
         self.active = 0
+        self.max_per_client = max_per_client  # requests in flight per client behind the front
+        self._forwarded: Counter[str] = Counter()
         self.draining = False
         self._idle: asyncio.Event | None = None
         self.metrics = metrics  # servermetrics.ServerMetrics or None
@@ -214,11 +231,28 @@ class RequestTracker:
             log_access(request, 503, response.content_length or 0, started)
             self._observe(request, 503)
             return response
+        client = client_address(request)
+        forwarded = client != (request.remote or "unknown")
+        if forwarded and self._forwarded[client] >= self.max_per_client:
+            # the connection cap cannot see clients behind the front (every connection is the
+            # front's): their requests in flight are capped here instead
+            request[OUTCOME] = "too_many_requests"
+            response = json_error(
+                request, 429, "too_many_requests", "too many requests in flight from this client"
+            )
+            log_access(request, 429, response.content_length or 0, started)
+            self._observe(request, 429)
+            return response
         self.active += 1
+        self._forwarded[client] += forwarded
         try:
             return await self._logged(request, handler, started)
         finally:
             self.active -= 1
+            if forwarded:
+                self._forwarded[client] -= 1
+                if self._forwarded[client] <= 0:
+                    del self._forwarded[client]
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
 
@@ -374,6 +408,7 @@ def run_app(
     """Serve ``app`` until SIGTERM/SIGINT; returns the process exit code (0 after a clean stop).
     Every connection goes through a :class:`~smt_droplet.connguard.ConnectionGuard`."""
     limits = limits or ConnectionLimits()
+    tracker.max_per_client = limits.max_per_client
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(app, tracker, name, bind, port, grace, describe, on_stop, limits))
     return ExitCode.OK

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import UploadSettings
-from .httpserver import Reject, json_error
+from .httpserver import Reject, client_address, json_error
 from .outcomes import iso_utc
 from .ratelimit import Decision, RateLimiter, RateLimitError
 from .tickets import TicketError, verify
@@ -125,10 +125,10 @@ class UploadLimits:
     def _key(self, request: web.Request, who: Identity) -> str:
         if who.account:
             return f"{who.role}:{who.account}"
-        return f"{who.role}:ip:{request.remote or 'unknown'}"
+        return f"{who.role}:ip:{client_address(request)}"
 
     def _client_key(self, request: web.Request) -> str:
-        return f"client:{request.remote or 'unknown'}"
+        return f"client:{client_address(request)}"
 
     def _limits(self, role: str) -> tuple[int, float]:
         if role == "admin":

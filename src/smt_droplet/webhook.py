@@ -36,6 +36,7 @@ from .esiid import FieldError, parse_esiid, parse_meter
 from .httpserver import (
     BODY_ERRORS,
     RequestTracker,
+    client_address,
     health_response,
     json_error,
     metrics_response,
@@ -236,7 +237,7 @@ class WebhookService:
     ) -> web.Response:
         try:
             queued = await asyncio.get_running_loop().run_in_executor(
-                None, self._enqueue, trigger, request.remote or ""
+                None, self._enqueue, trigger, client_address(request)
             )
         except spool.SpoolError as exc:
             log.error("cannot queue ingest request: %s", exc)
