@@ -970,3 +970,32 @@ def test_the_free_space_guard_counts_uploads_in_flight(tmp_path: Path) -> None:
                 sock.recv(4096)
     finally:
         server.ensure_stopped()
+
+
+def test_uploads_in_flight_are_capped_for_all_clients_together(tmp_path: Path) -> None:
+    import socket
+
+    b = Box(tmp_path, SMT_UPLOAD_MAX_CONCURRENT="2")
+    server = b.start()
+    head = (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nx-smt-upload-token: {TOKEN}\r\n"
+        "content-type: multipart/form-data; boundary=b\r\ncontent-length: 100000\r\n\r\n"
+    ).encode()
+    try:
+        stalled = []
+        for source in ("127.0.0.2", "127.0.0.3"):  # two clients, one stalled upload each
+            sock = socket.create_connection(
+                ("127.0.0.1", server.port), timeout=10, source_address=(source, 0)
+            )
+            sock.sendall(head + b"--b\r\n")
+            stalled.append(sock)
+        time.sleep(0.5)
+        third = raw_request(server.port, head + b"--b\r\n")
+        assert third.startswith(b"HTTP/1.1 503"), third[:200]
+        assert b"Retry-After: 10" in third and b'"busy"' in third
+        for sock in stalled:
+            sock.close()
+        time.sleep(0.5)
+        assert upload(server, b"ESIID,USAGE_DATE\n'10443720000000099,3/8/2025\n").status_code == 202
+    finally:
+        server.ensure_stopped()

@@ -644,6 +644,7 @@ class UploadSettings:
     limits: ConnectionLimits = ConnectionLimits()
     ticket_secrets: tuple[str, ...] = field(default=(), repr=False)  # current, then previous
     client_daily_limit: int = 200  # uploads per client address per day, whoever they are
+    max_concurrent: int = 16  # SMT_UPLOAD_MAX_CONCURRENT: uploads in flight at once, all clients
     min_free_bytes: int = 0  # SMT_MIN_FREE_MB: below this the server answers 507
 
     @classmethod
@@ -684,5 +685,6 @@ class UploadSettings:
                 if (secret := _header_secret(name, _get(env, name)))
             ),
             client_daily_limit=_int(env, "SMT_UPLOAD_CLIENT_DAILY_LIMIT", 200, minimum=1),
+            max_concurrent=_int(env, "SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
             min_free_bytes=min_free_bytes(env),
         )

@@ -91,6 +91,7 @@ class UploadService:
         self.limits = UploadLimits(settings, limiter)
         self.store = InboxStore(settings)
         self._reserved = 0  # bytes the uploads in flight may still write (free-space guard)
+        self._uploading = 0  # uploads in flight (SMT_UPLOAD_MAX_CONCURRENT)
 
     # -- checks before the body ------------------------------------------------------------
 
@@ -117,6 +118,14 @@ class UploadService:
                 415,
                 "expected_multipart",
                 "send multipart/form-data with the CSV in the field 'file'",
+            )
+        if self._uploading >= self.settings.max_concurrent:
+            return json_error(
+                request,
+                503,
+                "busy",
+                f"{self._uploading} uploads in flight; try again shortly",
+                headers={"Retry-After": "10"},
             )
         return self._space_check(request)
 
@@ -320,6 +329,7 @@ class UploadService:
         attempt = _Attempt()
         claim = self._claim(request)  # no await since the space check: held from here on
         self._reserved += claim
+        self._uploading += 1
         try:
             self.limits.reserve(request, attempt.slot)  # before the body
             await asyncio.wait_for(
@@ -343,6 +353,7 @@ class UploadService:
             return json_error(request, 507, "storage_failed", "the upload could not be stored")
         finally:
             self._reserved -= claim
+            self._uploading -= 1
             self._cleanup(attempt)
 
     async def preflight(self, request: web.Request) -> web.Response:
