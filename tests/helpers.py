@@ -55,6 +55,17 @@ def cli(args: list[str], env: Mapping[str, str], **kw: Any) -> subprocess.Comple
     )
 
 
+def start_cli(args: list[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """Start ``python -m smt_droplet ARGS`` in the background (a pass to kill, stall, race)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "smt_droplet", *args],
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_playbook(
     tmp_path: Path,
     plays: list[dict[str, Any]] | Path,
@@ -125,3 +136,35 @@ def fast_env(
     if post_retries is not None:
         env["SMT_POST_RETRIES"] = str(post_retries)
     return env
+
+
+class AlertReceiver:
+    """A chat webhook on loopback (Slack, Discord, ntfy stand-in): records every POST body,
+    answers ``status``. ``url`` carries a path segment that is a secret in a real one."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict[str, Any]] = []
+        self.status = 200
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                outer.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(outer.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/T0/SECRETPART"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -89,6 +89,17 @@ ROW_LAYOUT = """(sel) => {
 }"""
 
 
+def signed_in(front: FrontStack, browser: Browser) -> tuple[Any, Page]:
+    """A fresh 1280 px browser context signed in to the operator page with the upload token."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(front.url("/"))
+    page.fill("#secret", TOKEN)
+    page.click("#sign-in-form button[type=submit]")
+    page.wait_for_selector("#app:not([hidden])")
+    return context, page
+
+
 def shot(page: Page, name: str, **kw: Any) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
@@ -272,12 +283,7 @@ def test_operator_settles_files_that_need_a_person(front: FrontStack, browser: B
     from smt_droplet import spool
 
     spool.enqueue(front.spool, "cli", reason="test: timer pass")
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.goto(front.url("/"))
-    page.fill("#secret", TOKEN)
-    page.click("#sign-in-form button[type=submit]")
-    page.wait_for_selector("#app:not([hidden])")
+    context, page = signed_in(front, browser)
     orphan_row = page.locator(f"#files-table tr[data-sha256='{sha256(orphan)}']")
     deadline = time.monotonic() + 30
     while orphan_row.count() == 0 and time.monotonic() < deadline:  # the pass may still run
@@ -337,12 +343,7 @@ def test_operator_sees_what_the_app_stored_and_sends_a_short_file_again(
     path.write_bytes(generate_interval_csv(esiid, first, 3, seed=11))
     front.double.configure(drop_intervals=4)  # the app's parser loses 4 of this file's 288
     spool.enqueue(front.spool, "cli", reason="test: timer pass")
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.goto(front.url("/"))
-    page.fill("#secret", TOKEN)
-    page.click("#sign-in-form button[type=submit]")
-    page.wait_for_selector("#app:not([hidden])")
+    context, page = signed_in(front, browser)
     page.select_option("#filter-landing", "short,none,mismatch")
     row = page.locator(f"#files-table tr[data-sha256='{sha256(path)}']")
     deadline = time.monotonic() + 60

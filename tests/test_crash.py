@@ -12,13 +12,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import cli_env, fast_env
+from helpers import fast_env, start_cli
 
 from smt_droplet.ingest import run_pass
 from smt_droplet.ledger import read_posted_digests
@@ -55,13 +54,7 @@ def big_remote_file(peer: SftpPeer, megabytes: int) -> tuple[str, str]:
 
 
 def start_pass(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "smt_droplet", "ingest", *extra],
-        env=cli_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli(["ingest", *extra], env)
 
 
 def kill(proc: subprocess.Popen[str]) -> None:

@@ -8,13 +8,12 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import pytest
-from helpers import cli, cli_env, sha256
+from helpers import AlertReceiver, cli, sha256, start_cli
 
 from smt_droplet import spool
 from smt_droplet.csvdata import summarize
@@ -130,13 +129,7 @@ def test_sigkill_between_parts_then_a_pass_posts_the_file_once(env, webapp, inbo
     run_env = {**env, "SMT_MAX_BODY_BYTES": "40000"}
     webapp.stall_next(3, 0.0)
     webapp.stall_next(1, 2.0)  # part 4 hangs: the pass is killed while it waits
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smt_droplet", "ingest", "--no-sync"],
-        env=cli_env(run_env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(["ingest", "--no-sync"], run_env)
     deadline = time.monotonic() + 30
     while webapp._stalls and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -165,7 +158,7 @@ def test_production_app_stops_an_inline_pass_at_once_and_raw_upload_posts_all(
 ) -> None:
     webapp.configure(era="production", known_esiids=[ESIID])
     files = [put(inbox, ESIID, date(2026, 11, 20), 1, seed=i) for i in range(3)]
-    receiver = AlertSink()
+    receiver = AlertReceiver()
     try:
         inline = {**env, "SMT_DELIVERY": "inline"}
         proc = ingest(inline)
@@ -186,7 +179,7 @@ def test_production_app_stops_an_inline_pass_at_once_and_raw_upload_posts_all(
         assert sent.returncode == 0, sent.stderr
         assert "smt_ingest_delivery: raw-upload" in receiver.bodies[0]["message"]
     finally:
-        receiver.close()
+        receiver.stop()
     proc = ingest(env)  # SMT_DELIVERY=raw-upload
     assert proc.returncode == 0, proc.stderr
     assert read_posted_digests(inbox / ".posted_sha256") == {sha256(p) for p in files}
@@ -307,13 +300,7 @@ def test_fault_loop_over_raw_upload_loses_nothing_and_counts_no_half_file(
         webapp.fail_next(rng.randrange(1, 4), 500)
         webapp.stall_next(rng.randrange(0, 3), 0.0)
         webapp.stall_next(1, 1.5)  # the client gives up; the app still stores the part
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "smt_droplet", "ingest", "--no-sync"],
-            env=cli_env(run_env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_cli(["ingest", "--no-sync"], run_env)
         if round_ % 2:
             time.sleep(rng.uniform(0.2, 1.2))
             proc.send_signal(signal.SIGKILL)
@@ -336,49 +323,3 @@ def test_fault_loop_over_raw_upload_loses_nothing_and_counts_no_half_file(
     report = status(env)
     assert report["counts"] == {"posted": len(expected)}
     assert report["landing"] == {"exact": len(expected)}
-
-
-class AlertSink:
-    """A chat webhook on loopback that records what it is sent."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.bodies: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", 0))
-                outer.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_post_command_takes_the_delivery_mode(env, webapp, inbox) -> None:
-    webapp.configure(era="production", known_esiids=[ESIID])
-    path = put(inbox, ESIID, date(2026, 11, 20), 1)
-    inline = {**env, "SMT_DELIVERY": "inline"}
-    refused = cli(["post", path.name], inline)
-    assert refused.returncode == 2 and "smt_ingest_delivery: raw-upload" in refused.stderr
-    done = cli(["post", path.name, "--delivery", "raw-upload"], inline)
-    assert done.returncode == 0, done.stderr
-    assert "landed=exact app=96/file=96" in done.stderr
-    assert [r["path"] for r in webapp.requests()] == [
-        "/api/admin/smt/pull",
-        "/api/admin/smt/raw-upload",
-    ]
-    assert cli(["post", path.name, "--delivery", "carrier-pigeon"], inline).returncode == 2

@@ -3,51 +3,25 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import AlertReceiver, cli
 
 from smt_droplet import spool
 
 
-class Receiver:
-    """Records every POST body; answers ``status``."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.status = 200
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", 0))
-                outer.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(outer.status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/T0/SECRETPART"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
+def receiver() -> Iterator[AlertReceiver]:
+    r = AlertReceiver()
     yield r
-    r.server.shutdown()
+    r.stop()
 
 
 @pytest.fixture
-def env(tmp_path: Path, receiver: Receiver) -> dict[str, str]:
+def env(tmp_path: Path, receiver: AlertReceiver) -> dict[str, str]:
     spool_dir = tmp_path / "spool"
     spool.ensure_layout(spool_dir)
     return {

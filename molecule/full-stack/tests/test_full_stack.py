@@ -137,8 +137,8 @@ def test_4b_upload_without_token_is_refused(bed: Bed) -> None:
     assert answer.status == 401, answer
 
 
-def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) -> None:
-    placed = bed.place_on_peer()
+def ingest_now(bed: Bed, inventory_dir: Path, *extra: str) -> str:
+    """``playbooks/ingest-now.yml`` against this droplet (it must succeed); its output."""
     env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
     proc = subprocess.run(
         [
@@ -147,6 +147,7 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
             str(inventory_dir),
             "--limit",
             bed.host.backend.name,
+            *extra,
             str(REPO / "playbooks" / "ingest-now.yml"),
         ],
         cwd=REPO,
@@ -158,6 +159,12 @@ def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) 
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_5_ingest_now_playbook_posts_and_reports(bed: Bed, inventory_dir: Path) -> None:
+    placed = bed.place_on_peer()
+    output = ingest_now(bed, inventory_dir)
     assert placed.name in output, output[-4000:]
     posts = bed.posts_of(placed.sha256)
     assert len(posts) == 1, posts
@@ -188,27 +195,7 @@ def test_5b_a_short_landing_is_said_and_ingest_now_sends_it_again(
     assert re.search(rf"WARNING posted .*{re.escape(placed.name)} .*landed=short", journal)
     metrics = bed.run(f"cat {METRICS}").stdout
     assert 'smt_ingest_last_pass_files_landed{verdict="short"} 1.0' in metrics
-    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
-    proc = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            str(inventory_dir),
-            "--limit",
-            bed.host.backend.name,
-            "-e",
-            "smt_resend=short,none",
-            str(REPO / "playbooks" / "ingest-now.yml"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    output = ingest_now(bed, inventory_dir, "-e", "smt_resend=short,none")
     # the same bytes again: the app answers duplicate, parses them again and counts them all
     resent = rf"(posted|duplicate) {re.escape(placed.name)}\s+landed=exact"
     assert re.search(resent, output), output[-4000:]
