@@ -84,9 +84,8 @@ def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
         if not is_digest(digest):
             log.warning("page request %s: %r is not a sha256; dropped", request.id, digest)
             continue
-        if ledger.path_of(digest) is None and not (
-            ledger.is_posted(digest) or ledger.outcome(digest) is not None
-        ):
+        held = ledger.path_of(digest)  # one scan of the hash cache
+        if held is None and not (ledger.is_posted(digest) or ledger.outcome(digest) is not None):
             log.warning(
                 "page request %s (%s): sha256=%s is no file this droplet holds; dropped",
                 request.id,
@@ -94,7 +93,7 @@ def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
                 digest,
             )
             continue
-        rel = ledger.path_of(digest) or request.filename or digest
+        rel = held or request.filename or digest
         try:
             if action == "forget":
                 forget(ledger, digest, rel, by)

@@ -35,7 +35,7 @@ _gate = FloodGate(burst=10, interval=10.0)
 log.addFilter(_gate)
 
 HEADER_END = b"\r\n\r\n"
-LOOPBACK = frozenset({"127.0.0.1", "::1"})  # the TLS front (httpserver.LOOPBACK likewise)
+LOOPBACK = frozenset({"127.0.0.1", "::1"})  # where the TLS front's connections come from
 
 
 class ConnectionGuard:

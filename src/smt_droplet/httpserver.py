@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import spool
 from .config import ConnectionLimits
-from .connguard import ConnectionGuard
+from .connguard import LOOPBACK, ConnectionGuard
 from .outcomes import ExitCode
 from .passrecord import verdict
 
@@ -137,9 +137,6 @@ def _disk_ok(spool_dir: Path, min_free_bytes: int, last: dict[str, Any] | None) 
         return shutil.disk_usage(spool_dir).free >= min_free_bytes
     except OSError:
         return False
-
-
-LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 def client_address(request: web.Request) -> str:
