@@ -19,6 +19,10 @@ baseline measured in the same run, on the same loopback peers:
    (first converge, no-op re-converge) beside a no-op over ``podman exec``; then webhook
    trigger → systemd starting the pass, 20 times (``testbed/trigger_latency.py``).
 8. Posting inside one pass: 200 x 30 KB from the inbox vs a shell loop of curl per file.
+9. Delivery by raw-upload (the app's large-file path) beside inline, one pass.
+10. SFTP over a long link: ``testbed/delay_link.py`` delays every byte 0, 20 and 50 ms each way;
+    a 50 MB file, the 12-month CSV and 300 x 30 KB (100 at 50 ms, where sftp's one file at a
+    time takes a minute), ours vs ``sftp`` vs ``rclone copy``.
 
 Results go to ``bench/results.json`` (merged per item, so ``--only`` refreshes a part) and the
 table between the markers in ``bench/README.md``.
@@ -223,13 +227,23 @@ DATA: Data
 # -- the runner -------------------------------------------------------------------------------
 
 
+@dataclass
+class Link:
+    """A delayed path to the SFTP peer (``Runner.delay_link``)."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    known_hosts: Path
+    delay_ms: int
+
+
 class Runner:
     """Owns the work directory, the peers and every process it starts (stopped by PID)."""
 
     def __init__(self, work: Path, quick: bool) -> None:
         self.work = work
         self.quick = quick
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[Any]] = []
         self.peer: SftpPeer | None = None
         self.double: IntelliWattDouble | None = None
         self.current: ItemResult | None = None
@@ -357,23 +371,57 @@ class Runner:
             self.double = IntelliWattDouble(admin_token=TOKEN, keep_content=False).start()
         return self.double
 
-    def ssh_opts(self) -> str:
+    def ssh_opts(self, link: Link | None = None) -> str:
         peer = self.sftp_peer()
+        port, known = (link.port, link.known_hosts) if link else (peer.port, peer.known_hosts)
         return (
-            f"-i {peer.user_key} -P {peer.port} -o BatchMode=yes -o StrictHostKeyChecking=yes "
-            f"-o UserKnownHostsFile={peer.known_hosts} {peer.user}@{peer.host}"
+            f"-i {peer.user_key} -P {port} -o BatchMode=yes -o StrictHostKeyChecking=yes "
+            f"-o UserKnownHostsFile={known} {peer.user}@{peer.host}"
         )
 
-    def rclone_flags(self) -> str:
+    def rclone_flags(self, link: Link | None = None) -> str:
         peer = self.sftp_peer()
+        port, known = (link.port, link.known_hosts) if link else (peer.port, peer.known_hosts)
         conf = self.work / "rclone.conf"
         conf.touch()
         return (
-            f"--config {conf} --sftp-host {peer.host} --sftp-port {peer.port} "
+            f"--config {conf} --sftp-host {peer.host} --sftp-port {port} "
             f"--sftp-user {peer.user} --sftp-key-file {peer.user_key} "
-            f"--sftp-known-hosts-file {peer.known_hosts} --sftp-shell-type none "
+            f"--sftp-known-hosts-file {known} --sftp-shell-type none "
             "--sftp-disable-hashcheck"
         )
+
+    def delay_link(self, delay_ms: int) -> Link:
+        """The SFTP peer behind ``testbed/delay_link.py`` (``delay_ms`` each way), with the
+        peer's host key pinned for the relay's port."""
+        peer = self.sftp_peer()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "testbed" / "delay_link.py"),
+                "--to",
+                f"{peer.host}:{peer.port}",
+                "--delay-ms",
+                str(delay_ms),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening "):
+            raise BenchError(f"delay link did not start: {line!r}")
+        port = int(line.rsplit(":", 1)[1])
+        key = peer.known_hosts.read_text().split(None, 1)[1]
+        known = self.work / f"known_hosts-{port}"
+        known.write_text(f"[{peer.host}]:{port} {key}")
+        self.note_command(
+            f"python3 testbed/delay_link.py --to {peer.host}:{peer.port} --delay-ms {delay_ms}"
+        )
+        return Link(proc=proc, port=port, known_hosts=known, delay_ms=delay_ms)
 
     def ingest_env(self, name: str, remote: Path, local: Path, **extra: str) -> Path:
         peer = self.sftp_peer()
@@ -485,7 +533,7 @@ def bench_sftp(r: Runner, res: ItemResult, label: str, files: int, size: int) ->
 def bench_idle(r: Runner, res: ItemResult) -> None:
     peer = r.sftp_peer()
     double = r.web_double()
-    count = 2000 if r.quick else 10_000
+    count = 500 if r.quick else 10_000
     remote = peer.root / "idle"
     total = write_many(remote, count, (30_000, 260_000), seed=3)
     local = r.work / "idle-inbox"
@@ -513,7 +561,7 @@ def bench_idle(r: Runner, res: ItemResult) -> None:
             "STATE_FILE": str(legacy_state),
         }.items()
     )
-    ours_runs = 5
+    ours_runs = 2 if r.quick else 5
     legacy_runs = 2
     # the first pass (warm-up) hashes every file once into the hash cache, as on a real box
     stats_ours = r.hyperfine(
@@ -618,7 +666,7 @@ def _idle_growth(
     mirror of the tree against ``rclone copy``. The old way is not run at these sizes (tens of
     minutes at 100k): its time is extrapolated from the run above, linear in the files."""
     peer = r.sftp_peer()
-    sizes = (1000, 2000, 5000) if r.quick else (10_000, 50_000, 100_000)
+    sizes = (500, 1000, 2000) if r.quick else (10_000, 50_000, 100_000)
     points: dict[str, Any] = {}
     for n in sizes:
         remote = peer.root / f"grow-{n}"
@@ -1144,7 +1192,7 @@ def fmt_wrk(w: dict[str, Any]) -> str:
 
 
 def bench_webhook(r: Runner, res: ItemResult) -> None:
-    seconds = 5 if r.quick else 10
+    seconds = 2 if r.quick else 10
     results: dict[str, dict[str, Any]] = {}
     # ours, queue cap raised: every authorized request writes (and fsyncs) a spool request
     proc, url = start_webhook(r, "wh-queue", 10**9)
@@ -1574,6 +1622,93 @@ def bench_delivery(r: Runner, res: ItemResult) -> None:
     shutil.rmtree(inbox, ignore_errors=True)
 
 
+# -- 10: over a long link ---------------------------------------------------------------------
+
+
+def bench_wan(r: Runner, res: ItemResult) -> None:
+    """The mirror over a link with a round trip (``testbed/delay_link.py``: every byte delayed
+    by a fixed time each way, bandwidth unlimited): one large file, the 12-month CSV and many
+    30 KB files, ours vs ``sftp`` vs ``rclone copy`` at one-way delays of 0, 20 and 50 ms.
+    Each run is a whole session (connect, host key, auth, list, download), as a pass is."""
+    peer = r.sftp_peer()
+    big_mb = 10 if r.quick else 50
+    runs = 1 if r.quick else 2
+    cases: list[tuple[str, int, dict[str, bytes]]] = []
+    big = DATA.tiled(big_mb * MB)
+    year = DATA.post_file()
+    for delay in (0, 20, 50):
+        files = 20 if r.quick else (100 if delay == 50 else 300)
+        small = {
+            f"IntervalMeterUsage_{ESIID}_{i:05d}.csv": DATA.slice(i * 97, 30_000)
+            for i in range(files)
+        }
+        cases.append(("one file", delay, {f"IntervalMeterUsage_{ESIID}_big.csv": big}))
+        cases.append(("12-month CSV", delay, {f"IntervalMeterUsage_{ESIID}_year.csv": year}))
+        cases.append(("30 KB files", delay, small))
+    raw: list[dict[str, Any]] = []
+    for label, delay, content in cases:
+        link = r.delay_link(delay)
+        key = f"wan-{delay}-{len(content)}-{len(next(iter(content.values())))}"
+        remote = peer.root / key
+        remote.mkdir(parents=True, exist_ok=True)
+        for name, data in content.items():
+            (remote / name).write_bytes(data)
+        total = sum(len(d) for d in content.values())
+        dst = {name: r.work / f"{key}-{name}" for name in ("ours", "sftp", "rclone")}
+        batch = r.work / f"{key}.sftp"
+        batch.write_text(f"lcd {dst['sftp']}\nmget {remote}/*\n")
+        env_file = r.ingest_env(
+            key, remote, dst["ours"], SMT_PORT=str(link.port), SMT_KNOWN_HOSTS=str(link.known_hosts)
+        )
+        commands = {
+            "smt-droplet sync": f"{CLI} sync --env-file {env_file}",
+            "OpenSSH sftp": f"sftp -q -b {batch} {r.ssh_opts(link)} >/dev/null",
+            "rclone copy": f"rclone copy {r.rclone_flags(link)} :sftp:{remote} {dst['rclone']}",
+        }
+        prepare = {
+            name: f"rm -rf {d} {r.work / ('spool-' + key)} && mkdir -p {d} && sync"
+            for name, d in zip(commands, dst.values(), strict=True)
+        }
+        stats = r.hyperfine(key, commands, runs=runs, prepare=prepare)
+        r.stop(link.proc)
+        for name, directory in dst.items():
+            if dir_stats(directory) != (len(content), total):
+                raise BenchError(f"{key}: {name} left {dir_stats(directory)}")
+            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(remote, ignore_errors=True)
+        t = {name: v["mean"] for name, v in stats.items()}
+        ours, sftp, rclone = t["smt-droplet sync"], t["OpenSSH sftp"], t["rclone copy"]
+        raw.append(
+            {
+                "case": label,
+                "delay_ms": delay,
+                "files": len(content),
+                "bytes": total,
+                "hyperfine": stats,
+            }
+        )
+        big_file = label == "one file"
+        if big_file and delay == 50:
+            target, met = "≥ 3x sftp", yes_no(sftp / ours >= 3.0)
+        elif label == "30 KB files" and delay > 0:
+            target, met = "ahead of sftp and rclone", yes_no(ours < sftp and ours < rclone)
+        else:
+            target, met = "—", "n/a"
+        what = f"{len(content)} x 30 KB" if len(content) > 1 else f"{total / MB:.1f} MB"
+        res.rows.append(
+            Row(
+                item=res.item,
+                metric=f"{label} ({what}), {delay} ms each way (mean of {runs})",
+                ours=f"{ours:.2f} s ({total / MB / ours:.1f} MB/s)",
+                baseline=f"sftp {sftp:.2f} s; rclone {rclone:.2f} s",
+                ratio=f"{sftp / ours:.2f}x sftp; {rclone / ours:.2f}x rclone",
+                target=target,
+                met=met,
+            )
+        )
+    res.raw = {"cases": raw}
+
+
 # -- the report -------------------------------------------------------------------------------
 
 TITLES = {
@@ -1586,6 +1721,7 @@ TITLES = {
     "7": "Provisioning",
     "8": "Posting throughput inside one pass",
     "9": "Delivery by raw-upload beside inline",
+    "10": "SFTP over a long link (delayed round trip)",
 }
 
 
@@ -1723,7 +1859,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS, README = args.report_dir / "results.json", args.report_dir / "README.md"
         if not README.exists():
             shutil.copyfile(BENCH / "README.md", README)
-    wanted = args.only.split(",") if args.only else ["1", "2", "3", "4", "5", "6", "8", "9"]
+    wanted = args.only.split(",") if args.only else ["1", "2", "3", "4", "5", "6", "8", "9", "10"]
     if args.provisioning and "7" not in wanted:
         wanted.append("7")
     global DATA
@@ -1739,8 +1875,13 @@ def main(argv: list[str] | None = None) -> int:
     with work_dir(args.keep) as work:
         runner = Runner(work, args.quick)
         jobs = {
-            "1": lambda res: bench_sftp(runner, res, "one-200MB", 1, 200 * MB),
-            "2": lambda res: bench_sftp(runner, res, "many-30KB", 2000, 30_000),
+            # --quick (the test suite's smoke run) moves a quarter of the data
+            "1": lambda res: bench_sftp(
+                runner, res, "one-200MB", 1, (50 if args.quick else 200) * MB
+            ),
+            "2": lambda res: bench_sftp(
+                runner, res, "many-30KB", 500 if args.quick else 2000, 30_000
+            ),
             "3": lambda res: bench_idle(runner, res),
             "4": lambda res: bench_post(runner, res),
             "5": lambda res: bench_upload(runner, res),
@@ -1748,6 +1889,7 @@ def main(argv: list[str] | None = None) -> int:
             "7": lambda res: bench_provisioning(runner, res),
             "8": lambda res: bench_pass_post(runner, res),
             "9": lambda res: bench_delivery(runner, res),
+            "10": lambda res: bench_wan(runner, res),
         }
         try:
             for item in wanted:

@@ -15,9 +15,11 @@ from helpers import fast_env, sha256
 from serverproc import ServerProcess
 
 from smt_droplet import coverage_chart, spool
+from smt_droplet.config import InboxSettings
 from smt_droplet.ingest import run_pass
 from smt_droplet.ledger import Ledger
 from smt_droplet.page import CSP, page_weight
+from smt_droplet.status import format_report, status_report
 from smt_droplet.tickets import mint
 
 TOKEN = "page-api-token-for-tests-0123456789"
@@ -56,6 +58,11 @@ def server(env: dict[str, str], tmp_path: Path):
     ).start()
     yield proc
     proc.ensure_stopped()
+
+
+def status_lines(env: dict[str, str]) -> list[str]:
+    """What ``smt-droplet status`` prints for this inbox."""
+    return format_report(status_report(InboxSettings.from_env(env)))
 
 
 def api(server: ServerProcess, path: str, method: str = "get", **kw) -> requests.Response:
@@ -214,8 +221,13 @@ def test_a_file_that_keeps_failing_shows_its_reason_everywhere(
         "HTTP 502 STORAGE_FAILED (after 4 attempts); the next pass tries again"
     )
     assert (row["esiid"], row["at"] is not None) == (ESIID, True)
+    # the tries it took and when the next one comes (the timer's next run; off systemd, unknown)
+    assert (row["attempts"], row["next_try"]) == (4, None)
     only = api(server, "/files", params={"outcome": "failed-will-retry"}).json()["files"]
     assert [r["path"] for r in only] == [path.name]
+    assert only[0]["attempts"] == 4 and "next_try" in only[0]
+    text = status_lines(env)
+    assert any("failed-will-retry" in ln and "next-try=the next pass" in ln for ln in text), text
     last = api(server, "/overview").json()["lastPass"]
     assert (last["failed"], last["posted"], last["exit_code"]) == (1, 0, 1)
     assert run_pass(fast_env(env), sync=False).counts() == {"posted": 1}  # retried, not settled

@@ -85,10 +85,10 @@ def test_file_that_shrank_reads_short(sftp_peer: SftpPeer, tmp_path: Path) -> No
         os.truncate(path, 1_000_000)
         fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            received = sftp_mirror._read_pipelined(sftp, remote, listed, fd)
+            piped = sftp_mirror._read_pipelined(sftp, remote, listed, fd)
         finally:
             os.close(fd)
-        assert received == 1_000_000
+        assert piped == (1_000_000, None)  # short: no FSTAT answer is trusted, the caller asks
         # The channel is still usable after the early stop (late answers are absorbed).
         assert remote.stat().st_size == 1_000_000
         remote.close()
@@ -239,3 +239,43 @@ def test_a_failed_flush_keeps_the_batch_out_and_the_next_pass_fetches_it(
     assert {f.status for f in again.files} == {"downloaded"}
     for name, body in data.items():
         assert (inbox / name).read_bytes() == body
+
+
+def test_the_fstat_sent_with_the_last_reads_sees_a_file_that_grew(
+    sftp_peer: SftpPeer, tmp_path: Path
+) -> None:
+    """The change check's FSTAT goes out behind the last READ (one round trip less per file):
+    it must still report the file as it is after the reads, so a file that grew since it was
+    listed is seen as changed; an unchanged one reports the listed size and mtime."""
+    listed = 3 * 1024 * 1024 + 5
+    path = put(sftp_peer.root, "grows.csv", os.urandom(listed))
+    mtime = int(path.stat().st_mtime)
+    settings = settings_for(sftp_peer, tmp_path)
+    transport = connect(settings, load_private_key(settings.key))
+    try:
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        fd = os.open(tmp_path / "same", os.O_WRONLY | os.O_CREAT, 0o600)
+        with sftp.open(str(path), "rb") as remote:
+            try:
+                assert sftp_mirror._read_pipelined(sftp, remote, listed, fd, depth=4) == (
+                    listed,
+                    (listed, mtime),
+                )
+            finally:
+                os.close(fd)
+        remote = sftp.open(str(path), "rb")
+        with open(path, "ab") as fh:
+            fh.write(b"more rows\n")
+        fd = os.open(tmp_path / "grown", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            received, seen = sftp_mirror._read_pipelined(sftp, remote, listed, fd) or (0, None)
+        finally:
+            os.close(fd)
+            remote.close()
+        assert received == listed
+        assert seen is not None and seen[0] == listed + len(b"more rows\n")
+        assert sftp.listdir(str(sftp_peer.root)) == ["grows.csv"]  # the channel is in order
+    finally:
+        transport.close()
+    assert (tmp_path / "same").read_bytes() == path.read_bytes()[:listed]

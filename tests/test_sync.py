@@ -207,3 +207,33 @@ def test_small_file_growing_after_listing_is_not_kept(sftp_peer: SftpPeer, inbox
     assert [f.status for f in result.files] == ["skipped-growing"]
     assert result.files[0].size < 30_000  # it was listed small, i.e. took the small path
     assert list(inbox.iterdir()) == []
+
+
+def test_bytes_in_flight_are_a_bounded_setting(sftp_peer: SftpPeer, inbox: Path) -> None:
+    """SMT_SFTP_INFLIGHT_MB sizes the READs outstanding per download (the link's
+    bandwidth-delay product): 16 MiB unless set, refused above 256 or below 1, and a small
+    value still moves a file many times its size."""
+    assert settings_for(sftp_peer, inbox).inflight_bytes == 16 * 2**20
+    for bad in ("0", "257"):
+        with pytest.raises(ConfigError, match="SMT_SFTP_INFLIGHT_MB"):
+            settings_for(sftp_peer, inbox, SMT_SFTP_INFLIGHT_MB=bad)
+    data = os.urandom(5 * 2**20 + 3)
+    put(sftp_peer.root, "big.csv", data, mtime=time.time() - 600)
+    result = mirror(settings_for(sftp_peer, inbox, SMT_SFTP_INFLIGHT_MB="1"))
+    assert result.error is None and [f.status for f in result.files] == ["downloaded"]
+    assert (inbox / "big.csv").read_bytes() == data
+
+
+def test_a_listing_longer_than_the_readdirs_in_flight_is_whole(
+    sftp_peer: SftpPeer, inbox: Path
+) -> None:
+    """More entries than the READDIRs sent ahead answer at once (OpenSSH: ~100 per answer),
+    plus a sub-directory: every file is listed once, and the channel stays usable."""
+    names = {f"IntervalMeterUsage_{i:05d}.csv" for i in range(2500)}
+    for name in names:
+        put(sftp_peer.root, name, b"h\n", mtime=time.time() - 600)
+    put(sftp_peer.root, "sub/IntervalMeterUsage_sub.csv", b"h\n", mtime=time.time() - 600)
+    result = mirror(settings_for(sftp_peer, inbox), dry_run=True)
+    listed = [f.rel for f in result.files]
+    assert sorted(listed) == sorted([*names, "sub/IntervalMeterUsage_sub.csv"])
+    assert result.error is None and not any(inbox.iterdir())

@@ -345,6 +345,7 @@ class SftpSettings:
     retry_max_delay: float = 30.0
     parallel: int = 4
     io_timeout: float = 60.0  # a connection silent this long mid-transfer counts as dropped
+    inflight_bytes: int = 16 * 2**20  # SMT_SFTP_INFLIGHT_MB: READ bytes outstanding per file
     min_free_bytes: int = 0  # SMT_MIN_FREE_MB: below this, downloads stop (0: no guard)
     completion: str = "none"  # SMT_REMOTE_COMPLETION: what happens on SFTP once a file is posted
     completion_dir: str | None = None  # SMT_REMOTE_ARCHIVE_DIR, for completion "move"
@@ -381,11 +382,29 @@ class SftpSettings:
             retry_max_delay=_float(env, "SMT_RETRY_MAX_DELAY", 30.0),
             parallel=_int(env, "SMT_SFTP_PARALLEL", 4, minimum=1),
             io_timeout=_float(env, "SMT_SFTP_IO_TIMEOUT", 60.0, minimum=0.1),
+            inflight_bytes=_inflight_bytes(env),
             min_free_bytes=min_free_bytes(env),
             completion=completion,
             completion_dir=completion_dir,
             state_file=state_file(env),
         )
+
+
+MAX_INFLIGHT_MB = 256
+
+
+def _inflight_bytes(env: Mapping[str, str]) -> int:
+    """``SMT_SFTP_INFLIGHT_MB`` (default 16): how much one download keeps requested ahead, i.e.
+    the link's bandwidth-delay product (16 MB fills 1 Gbit/s at 128 ms round trip). It bounds
+    memory too: a channel's SSH window is twice this (at least 64 MiB), and nothing more than
+    the window can be buffered per channel."""
+    value = _int(env, "SMT_SFTP_INFLIGHT_MB", 16, minimum=1)
+    if value > MAX_INFLIGHT_MB:
+        raise ConfigError(
+            f"SMT_SFTP_INFLIGHT_MB={value} is above {MAX_INFLIGHT_MB} (the window that holds "
+            "it is buffered per channel); a bandwidth-delay product that large is not a droplet's"
+        )
+    return value * 2**20
 
 
 def min_free_bytes(env: Mapping[str, str]) -> int:

@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import shutil
-import subprocess
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -49,7 +47,7 @@ from .landing import NOT_LANDED
 from .ledger import Ledger, is_digest
 from .outcomes import iso_utc
 from .passrecord import verdict
-from .status import file_status, inbox_status
+from .status import file_status, inbox_status, next_timer_run
 from .tickets import TicketError, verify
 from .upload_limits import TICKET_HEADER, TOKEN_HEADER
 
@@ -210,7 +208,7 @@ class OperatorPage:
             return json_error(request, 400, "bad_limit", "limit must be a number")
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(
-            None, lambda: inbox_status(self.inbox, save_cache=False)
+            None, lambda: inbox_status(self.inbox, save_cache=False, next_pass=next_timer_run())
         )
         rows = report["files"]
         if outcome:
@@ -238,7 +236,9 @@ class OperatorPage:
             return json_error(request, 400, "bad_path", "path must be inbox-relative")
         loop = asyncio.get_running_loop()
         try:
-            row = await loop.run_in_executor(None, file_status, self.inbox, digest, hint)
+            row = await loop.run_in_executor(
+                None, file_status, self.inbox, digest, hint, next_timer_run()
+            )
         except KeyError:
             return json_error(
                 request, 404, "unknown_file", "neither the inbox nor the ledger know it"
@@ -360,26 +360,3 @@ def _last_pass(record: dict[str, Any]) -> dict[str, Any]:
 
 def _iso(ts: Any) -> str | None:
     return iso_utc(ts) if isinstance(ts, int | float) else None
-
-
-_SYSTEMD_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC\Z")
-
-
-def next_timer_run(unit: str = "smt-ingest.timer") -> str | None:
-    """When systemd starts the timer's next pass (UTC ISO), or None off systemd.
-
-    ``systemctl show -P`` prints the time in the caller's zone (systemd 252 ignores
-    ``--timestamp=unix`` there): it runs with ``TZ=UTC`` and its answer is parsed as such."""
-    try:
-        out = subprocess.run(
-            ["systemctl", "show", "-P", "NextElapseUSecRealtime", unit],
-            capture_output=True,
-            text=True,
-            timeout=3,
-            check=False,
-            env={"TZ": "UTC", "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = _SYSTEMD_TIME.search(out)
-    return f"{found.group(1)}T{found.group(2)}Z" if found else None

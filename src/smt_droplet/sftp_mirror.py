@@ -16,12 +16,15 @@
   changes while it is read is discarded and retried next pass.
 * **How**: into ``.<name>.<random>.partial`` in the destination directory (dot files are never
   posted), fsync, set the remote mtime, rename — an interrupted download never looks like a
-  file. ``SMT_SFTP_PARALLEL`` (default 4) SFTP channels of one connection (64 MiB SSH window):
+  file. ``SMT_SFTP_PARALLEL`` (default 4) SFTP channels of one connection, the first being
+  the one that listed the drop (the others open at the same time, not one after another):
   small files (< 32 KiB) go in batches per channel with ``SMALL_DEPTH`` files in flight
   (OPEN/READ/CLOSE pipelined), each batch flushed to disk once (``durable.Batch``: one
   ``syncfs`` before its renames, not an fsync per file); a large file is read with
-  ``PIPE_DEPTH`` READ requests of ``PIPE_REQUEST`` bytes in flight, each answer written at
-  its offset.
+  ``SMT_SFTP_INFLIGHT_MB`` (default 16) of READ requests of ``PIPE_REQUEST`` bytes in flight,
+  each answer written at its offset. Over a long link what bounds a download is the bytes in
+  flight per round trip: 16 MB fill 1 Gbit/s at a 128 ms round trip; each channel's SSH
+  window is twice that (at least 64 MiB), which also bounds what can wait in memory.
 * **Failures**: connecting is retried ``SMT_SFTP_RETRIES`` times with exponential backoff
   (``SMT_RETRY_BASE_DELAY`` * 2**n, capped at ``SMT_RETRY_MAX_DELAY``); then :class:`MirrorResult`
   carries the error and the pass goes on with what is local (exit 1). A connection that drops
@@ -70,9 +73,10 @@ MAX_PACKET = 32768
 REQUEST_SIZE = 32768  # what paramiko's readv asks for per READ request (the fallback)
 READ_WINDOW = 8 * 1024 * 1024  # bytes requested ahead by the readv fallback
 PIPE_REQUEST = 128 * 1024  # our READ requests for large files (OpenSSH serves up to 255 KiB)
-PIPE_DEPTH = 32  # READ requests in flight per file (4 MiB)
+PIPE_DEPTH = 128  # READ requests in flight per file by default (16 MiB: SMT_SFTP_INFLIGHT_MB)
 SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 SMALL_BATCH = 64  # small files handed to one channel at a time
+LIST_AHEAD = 8  # READDIR requests in flight (OpenSSH answers ~100 entries to each)
 SMALL_DEPTH = 16  # small files in flight per channel (OPEN or READ sent, answer pending)
 AEAD_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")  # preferred when offered
 PARTIAL_SUFFIX = ".partial"  # a download in progress: `.<name>.<random>.partial` beside it
@@ -285,7 +289,9 @@ def connect(settings: SftpSettings, pkey: paramiko.PKey) -> paramiko.Transport:
             f"cannot connect to {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from exc
     transport = paramiko.Transport(
-        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET
+        sock,
+        default_window_size=max(WINDOW_SIZE, 2 * settings.inflight_bytes),
+        default_max_packet_size=MAX_PACKET,
     )
     try:
         _prefer_pinned_key_types(transport, settings)
@@ -324,7 +330,7 @@ def _walk_remote(
         remote_dir = posixpath.join(root, rel_dir) if rel_dir else root
         entries = sorted(
             (a.filename, a.st_mode, int(a.st_size or 0), int(a.st_mtime or 0))
-            for a in sftp.listdir_iter(remote_dir)
+            for a in _listdir(sftp, remote_dir)
             if a.st_mode is not None and _safe_component(a.filename)
         )
         for name, mode, size, mtime in entries:
@@ -334,6 +340,47 @@ def _walk_remote(
                     pending.append((rel, depth + 1))
             elif stat.S_ISREG(mode) and matches(name, include):
                 yield rel, size, mtime
+
+
+def _listdir(sftp: paramiko.SFTPClient, path: str) -> Iterator[paramiko.SFTPAttributes]:
+    """The entries of ``path`` (``.`` and ``..`` left out) as ``listdir_iter`` gives them, but
+    its CLOSE is sent without waiting for the answer: one round trip less per directory, which
+    on a long link is a tenth of a second off every pass. READDIRs go out ``LIST_AHEAD`` at a
+    time; answers left over after the end of the directory are absorbed later."""
+    request = getattr(sftp, "_async_request", None)
+    wait = getattr(sftp, "_read_response", None)
+    if request is None or wait is None:
+        yield from sftp.listdir_iter(path)
+        return
+    from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
+
+    t, msg = sftp._request(CMD_OPENDIR, path)  # type: ignore[attr-defined]
+    if t != CMD_HANDLE:
+        raise paramiko.SFTPError("expected a handle for OPENDIR")
+    handle = msg.get_binary()
+    replies = _Replies()
+    try:
+        while True:
+            nums = [request(replies, CMD_READDIR, handle) for _ in range(LIST_AHEAD)]
+            for num in nums:
+                answer = replies.got.pop(num, None)
+                t, msg = answer if answer is not None else wait(num)
+                if t != CMD_NAME:
+                    sftp._convert_status(msg)  # type: ignore[attr-defined]  # EOF ends it
+                    raise paramiko.SFTPError(f"unexpected answer {t} to READDIR")
+                for _ in range(msg.get_int()):
+                    name = msg.get_text()
+                    longname = msg.get_text()
+                    attrs = paramiko.SFTPAttributes._from_msg(  # type: ignore[attr-defined]
+                        msg, name, longname
+                    )
+                    if name not in (".", ".."):
+                        yield attrs
+    except EOFError:
+        return
+    finally:
+        with contextlib.suppress(Exception):  # a dead channel: its own error is the one to see
+            request(type(None), CMD_CLOSE, handle)
 
 
 def _remove_stale_partials(local_dir: Path, max_depth: int) -> None:
@@ -409,11 +456,21 @@ def _int64_type() -> type[int]:
 
 
 def _read_pipelined(
-    sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile, size: int, fd: int
-) -> int | None:
-    """Read ``size`` bytes with ``PIPE_DEPTH`` READ requests of ``PIPE_REQUEST`` bytes in flight
+    sftp: paramiko.SFTPClient,
+    remote: paramiko.SFTPFile,
+    size: int,
+    fd: int,
+    depth: int = PIPE_DEPTH,
+) -> tuple[int, tuple[int, int] | None] | None:
+    """Read ``size`` bytes with ``depth`` READ requests of ``PIPE_REQUEST`` bytes in flight
     and ``os.pwrite`` each answer at its offset; returns the bytes received (fewer than ``size``
-    if the file shrank), or ``None`` if this paramiko lacks the request API (2.x to 5.x have it).
+    if the file shrank) and the file's (size, mtime) once read, or ``None`` if this paramiko
+    lacks the request API (2.x to 5.x have it).
+
+    The FSTAT that checks the file did not change while it was read goes out right after the
+    last READ, not after its answer: the server answers in order, so it still sees the file as
+    it was after the last read, one round trip sooner. (``None`` for the attributes if it could
+    not be sent that way; the caller asks again.)
 
     paramiko's ``readv`` splits every range into 32 KiB requests and hands each answer through
     its prefetch thread; 128 KiB requests kept in flight continuously halve the CPU per byte
@@ -425,20 +482,23 @@ def _read_pipelined(
     handle = getattr(remote, "handle", None)
     if request is None or wait is None or handle is None:
         return None
-    from paramiko.sftp import CMD_DATA, CMD_READ
+    from paramiko.sftp import CMD_ATTRS, CMD_DATA, CMD_FSTAT, CMD_READ
 
     int64 = _int64_type()
     replies = _Replies()
     inflight: deque[tuple[int, int, int]] = deque()
     chunk = PIPE_REQUEST
     offset = received = 0
+    fstat: int | None = None  # the FSTAT's request number, once every READ is out
     try:
         while offset < size or inflight:
-            while offset < size and len(inflight) < PIPE_DEPTH:
+            while offset < size and len(inflight) < depth:
                 length = min(chunk, size - offset)
                 num = request(replies, CMD_READ, handle, int64(offset), int(length))
                 inflight.append((num, offset, length))
                 offset += length
+            if offset >= size and fstat is None:
+                fstat = request(replies, CMD_FSTAT, handle)
             num, at, length = inflight.popleft()
             answer = replies.got.pop(num, None)
             t, msg = answer if answer is not None else wait(num)
@@ -455,9 +515,18 @@ def _read_pipelined(
                 rest = at + len(data)
                 num = request(replies, CMD_READ, handle, int64(rest), int(length - len(data)))
                 inflight.append((num, rest, length - len(data)))
+                fstat = -1  # a READ after the FSTAT: its answer says nothing; ask again
     except EOFError:  # the file is shorter than listed: the caller sees received < size
-        pass
-    return received
+        return received, None
+    if fstat is None or fstat < 0:
+        return received, None
+    answer = replies.got.pop(fstat, None)
+    t, msg = answer if answer is not None else wait(fstat)
+    if t != CMD_ATTRS:
+        sftp._convert_status(msg)  # type: ignore[attr-defined]
+        raise paramiko.SFTPError(f"unexpected answer {t} to FSTAT")
+    attrs = paramiko.SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]
+    return received, (int(attrs.st_size or 0), int(attrs.st_mtime or 0))
 
 
 def _close_without_waiting(remote: paramiko.SFTPFile) -> None:
@@ -492,12 +561,14 @@ def _connection_gone(sftp: paramiko.SFTPClient) -> bool:
     return transport is None or not transport.is_active()
 
 
-def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
+def _download(
+    sftp: paramiko.SFTPClient, item: MirroredFile, depth: int = PIPE_DEPTH
+) -> MirroredFile:
     """Fetch one file into a temp name, check it did not change meanwhile, rename it."""
     item.local.parent.mkdir(parents=True, exist_ok=True)
     tmp = durable.temp_path(item.local, PARTIAL_SUFFIX)
     try:
-        received, after_size, after_mtime = _fetch_into(sftp, item, tmp)
+        received, after_size, after_mtime = _fetch_into(sftp, item, tmp, depth)
         if received != item.size or after_size != item.size or after_mtime != item.mtime:
             durable.remove_quietly(tmp)
             return _changed_while_reading(item, received)
@@ -508,7 +579,9 @@ def _download(sftp: paramiko.SFTPClient, item: MirroredFile) -> MirroredFile:
     return item
 
 
-def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tuple[int, int, int]:
+def _fetch_into(
+    sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path, depth: int
+) -> tuple[int, int, int]:
     """Read ``item`` into ``tmp`` (fsynced); returns (bytes read, size and mtime after)."""
     after_size, after_mtime = item.size, item.mtime
     remote = sftp.open(item.remote, "rb")
@@ -519,10 +592,12 @@ def _fetch_into(sftp: paramiko.SFTPClient, item: MirroredFile, tmp: Path) -> tup
                 out.write(small)
                 received = len(small)
             else:
-                piped = _read_pipelined(sftp, remote, item.size, out.fileno())
-                received = piped if piped is not None else _read_windowed(remote, item.size, out)
-                after = remote.stat()
-                after_size, after_mtime = int(after.st_size or 0), int(after.st_mtime or 0)
+                piped = _read_pipelined(sftp, remote, item.size, out.fileno(), depth)
+                received, seen = piped or (_read_windowed(remote, item.size, out), None)
+                if seen is None:
+                    after = remote.stat()
+                    seen = int(after.st_size or 0), int(after.st_mtime or 0)
+                after_size, after_mtime = seen
             _close_without_waiting(remote)
             out.flush()
             os.fsync(out.fileno())
@@ -725,8 +800,10 @@ def mirror(
         attempt += 1
         try:
             with _connected(settings, pkey) as transport:
+                lister = None  # the listing's channel downloads too: 3 round trips saved
                 if todo is None:
-                    listing = _list_remote(transport, settings)
+                    lister = _open_sftp(transport, settings.io_timeout)
+                    listing = _list_remote(lister, settings)
                     result.listed = True
                     todo = _plan(settings, listing, result, now(), retired or {})
                     del listing  # the plan holds what is needed
@@ -736,7 +813,7 @@ def mirror(
                         return result
                     _remove_stale_partials(settings.local_dir, settings.max_depth)
                     pending = todo
-                _download_with_progress(transport, pending, settings)
+                _download_with_progress(transport, pending, settings, lister)
         except (SyncError, OSError, paramiko.SSHException, EOFError) as exc:
             reason = _failure_reason(exc, settings)
             if attempt > settings.retries:
@@ -795,15 +872,17 @@ def _connected(settings: SftpSettings, pkey: paramiko.PKey) -> Iterator[paramiko
         transport.close()
 
 
-def _list_remote(transport: paramiko.Transport, settings: SftpSettings) -> list[Listed]:
-    lister = paramiko.SFTPClient.from_transport(transport)
-    if lister is None:
+def _open_sftp(transport: paramiko.Transport, io_timeout: float) -> paramiko.SFTPClient:
+    """One SFTP channel (open, subsystem, version: three round trips) with the I/O timeout."""
+    client = paramiko.SFTPClient.from_transport(transport)
+    if client is None:
         raise SyncError("the server refused the sftp subsystem")
-    try:
-        _channel(lister).settimeout(settings.io_timeout)
-        return list(_walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth))
-    finally:
-        lister.close()
+    _channel(client).settimeout(io_timeout)
+    return client
+
+
+def _list_remote(lister: paramiko.SFTPClient, settings: SftpSettings) -> list[Listed]:
+    return list(_walk_remote(lister, settings.remote_dir, settings.include, settings.max_depth))
 
 
 def _failure_reason(exc: BaseException, settings: SftpSettings) -> str:
@@ -882,7 +961,10 @@ def _plan(
 
 
 def _download_with_progress(
-    transport: paramiko.Transport, todo: list[MirroredFile], settings: SftpSettings
+    transport: paramiko.Transport,
+    todo: list[MirroredFile],
+    settings: SftpSettings,
+    first: paramiko.SFTPClient | None = None,
 ) -> None:
     """:func:`_download_all` with a bytes bar in a terminal (files, bytes, rate, ETA)."""
     global _progress
@@ -890,19 +972,26 @@ def _download_with_progress(
     with progress.bar(total, "B", f"sync {len(todo)} file(s)") as shown:
         _progress = shown
         try:
-            _download_all(transport, todo, settings.parallel, settings.io_timeout)
+            _download_all(transport, todo, settings, first)
         finally:
             _progress = progress.NullBar()
 
 
 def _download_all(
-    transport: paramiko.Transport, todo: list[MirroredFile], parallel: int, io_timeout: float
+    transport: paramiko.Transport,
+    todo: list[MirroredFile],
+    settings: SftpSettings,
+    first: paramiko.SFTPClient | None = None,
 ) -> None:
-    """Download ``todo`` over up to ``parallel`` channels of one connection."""
-    opened: list[paramiko.SFTPClient] = []
+    """Download ``todo`` over up to ``settings.parallel`` channels of one connection (``first``,
+    an open one, among them), no more channels than there are tasks."""
+    opened: list[paramiko.SFTPClient] = [first] if first is not None else []
     lost = threading.Event()  # once the connection is gone, the rest waits for a reconnect
+    depth = max(1, settings.inflight_bytes // PIPE_REQUEST)
+    tasks = _tasks(todo)
     try:
-        opened = _open_channels(transport, max(1, min(parallel, len(todo))), io_timeout)
+        wanted = max(1, min(settings.parallel, len(tasks)))
+        opened += _open_channels(transport, wanted - len(opened), settings.io_timeout)
         if not opened:
             _mark_lost(todo, "cannot open an sftp channel")
             return
@@ -916,18 +1005,18 @@ def _download_all(
                 return
             client = clients.get()
             try:
-                _download_task(client, task)
+                _download_task(client, task, depth)
                 if any(item.connection_lost for item in task):
                     lost.set()
             finally:
                 clients.put(client)
 
         if len(opened) == 1:
-            for task in _tasks(todo):
+            for task in tasks:
                 run(task)
         else:
             with ThreadPoolExecutor(max_workers=len(opened)) as pool:
-                list(pool.map(run, _tasks(todo)))
+                list(pool.map(run, tasks))
     except (paramiko.SSHException, OSError, EOFError) as exc:
         _mark_lost([f for f in todo if f.status == WOULD_DOWNLOAD], str(exc) or type(exc).__name__)
     finally:
@@ -939,14 +1028,19 @@ def _download_all(
 def _open_channels(
     transport: paramiko.Transport, count: int, io_timeout: float
 ) -> list[paramiko.SFTPClient]:
-    opened: list[paramiko.SFTPClient] = []
-    for _ in range(count):
-        client = paramiko.SFTPClient.from_transport(transport)
-        if client is None:
-            break
-        _channel(client).settimeout(io_timeout)
-        opened.append(client)
-    return opened
+    """``count`` more SFTP channels, opened at the same time (each takes three round trips);
+    those the server refuses are left out."""
+    if count <= 0:
+        return []
+
+    def one(_: int) -> paramiko.SFTPClient | None:
+        try:
+            return _open_sftp(transport, io_timeout)
+        except SyncError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return [client for client in pool.map(one, range(count)) if client is not None]
 
 
 def _tasks(todo: list[MirroredFile]) -> list[list[MirroredFile]]:
@@ -956,11 +1050,13 @@ def _tasks(todo: list[MirroredFile]) -> list[list[MirroredFile]]:
     return tasks + [[f] for f in todo if f.size >= SMALL_FILE]
 
 
-def _download_task(client: paramiko.SFTPClient, task: list[MirroredFile]) -> None:
+def _download_task(
+    client: paramiko.SFTPClient, task: list[MirroredFile], depth: int = PIPE_DEPTH
+) -> None:
     if task[0].size < SMALL_FILE and _download_small_batch(client, task):
         return
     for item in task:
-        _download(client, item)
+        _download(client, item, depth)
 
 
 def _mark_lost(items: list[MirroredFile], reason: str) -> None:

@@ -4,6 +4,8 @@ text or JSON by the caller."""
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,10 +19,11 @@ from .landing import NOT_LANDED
 from .landing import brief as landing_brief
 from .ledger import Ledger, LedgerError
 from .logsafety import visible
-from .outcomes import NEEDS_OPERATOR, iso_utc
+from .outcomes import NEEDS_OPERATOR, Outcome, iso_utc
 from .process import file_digest
 
 log = logging.getLogger("smt_droplet.status")
+FAILED = str(Outcome.FAILED)
 
 
 @dataclass
@@ -45,11 +48,13 @@ class FileStatus:
     summary: dict[str, Any] | None = None  # csvdata.DataSummary.to_dict() of the posted CSV
     source: str = "sftp"  # "upload" for a name the upload server gave (filenames.is_upload_name)
     landing: dict[str, Any] | None = None  # posted: landing.Landing.to_dict(), what the app kept
+    attempts: int | None = None  # failed-will-retry: tries the last pass made
+    next_try: str | None = None  # failed-will-retry: when the next pass starts (UTC ISO), if known
 
 
 def status_report(settings: InboxSettings) -> dict[str, Any]:
     """Everything ``status`` shows: the files, the queue and the last pass's result."""
-    report = inbox_status(settings)
+    report = inbox_status(settings, next_pass=next_timer_run())
     report["queued_requests"] = spool.depth(settings.spool_dir)
     report["last_ingest"] = spool.read_last_result(settings.spool_dir)
     return report
@@ -66,9 +71,12 @@ def landing_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     )
 
 
-def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[str, Any]:
+def inbox_status(
+    settings: InboxSettings, *, save_cache: bool = True, next_pass: str | None = None
+) -> dict[str, Any]:
     """Per-file state from the ledger and the inbox (hashes cached like a pass does; a reader
-    that does not own the ledger, the operator page's server, passes ``save_cache=False``)."""
+    that does not own the ledger, the operator page's server, passes ``save_cache=False``).
+    ``next_pass``: when the timer starts the next pass, the next try of a failed file."""
     ledger = Ledger.load(settings.state_file)
     exclude = ledger.own_files
     rows: list[FileStatus] = []
@@ -81,6 +89,8 @@ def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[st
                 continue
         row = _row(ledger, item.rel, digest, item.size)
         row.arrived = iso_utc(ledger.first_seen(item.rel) or item.mtime)
+        if row.state == FAILED:
+            row.next_try = next_pass
         rows.append(row)
     if save_cache:
         try:
@@ -103,7 +113,9 @@ def inbox_status(settings: InboxSettings, *, save_cache: bool = True) -> dict[st
     }
 
 
-def file_status(settings: InboxSettings, digest: str, rel: str | None = None) -> dict[str, Any]:
+def file_status(
+    settings: InboxSettings, digest: str, rel: str | None = None, next_pass: str | None = None
+) -> dict[str, Any]:
     """The row of one file by its digest (``rel``: where it was stored, when the ledger has not
     seen it yet), without scanning the inbox; raises KeyError when neither knows it."""
     ledger = Ledger.load(settings.state_file)
@@ -119,6 +131,8 @@ def file_status(settings: InboxSettings, digest: str, rel: str | None = None) ->
             raise KeyError(digest) from None
         size, mtime = 0, None
     row = _row(ledger, rel, digest, size)
+    if row.state == FAILED:
+        row.next_try = next_pass
     first = ledger.first_seen(rel) or mtime
     row.arrived = iso_utc(first) if first is not None else None
     return asdict(row)
@@ -140,6 +154,8 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
     row.at = iso_utc(info["at"]) if isinstance(info.get("at"), int | float) else None
     row.esiid = _str_or_none(info.get("esiid"))
     row.meter = _str_or_none(info.get("meter"))
+    if state == FAILED and isinstance(info.get("attempts"), int):
+        row.attempts = info["attempts"]
     row.summary = info.get("summary") if isinstance(info.get("summary"), dict) else None
     if state == "posted":
         row.landing = info.get("landing") if isinstance(info.get("landing"), dict) else None
@@ -148,6 +164,29 @@ def _row(ledger: Ledger, rel: str, digest: str, size: int) -> FileStatus:
         row.member = _str_or_none(info.get("member"))
         row.csv_sha256 = _str_or_none(info.get("csv_sha256"))
     return row
+
+
+_SYSTEMD_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC\Z")
+
+
+def next_timer_run(unit: str = "smt-ingest.timer") -> str | None:
+    """When systemd starts the timer's next pass (UTC ISO), or None off systemd.
+
+    ``systemctl show -P`` prints the time in the caller's zone (systemd 252 ignores
+    ``--timestamp=unix`` there): it runs with ``TZ=UTC`` and its answer is parsed as such."""
+    try:
+        out = subprocess.run(
+            ["systemctl", "show", "-P", "NextElapseUSecRealtime", unit],
+            capture_output=True,
+            text=True,
+            timeout=3,
+            check=False,
+            env={"TZ": "UTC", "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = _SYSTEMD_TIME.search(out)
+    return f"{found.group(1)}T{found.group(2)}Z" if found else None
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -177,6 +216,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
             parts.append(f"landing: {row['landing'].get('detail')}")
         if row["reason"]:
             parts.append(f"reason: {row['reason']}")
+        if row["state"] == FAILED:
+            parts.append(f"next-try={row.get('next_try') or 'the next pass'}")
         lines.append(visible(" ".join(parts), newlines=False))
     counts = " ".join(f"{k}={v}" for k, v in sorted(report["counts"].items()))
     landed = " ".join(f"{k}={v}" for k, v in sorted(report.get("landing", {}).items()))

@@ -130,7 +130,11 @@ def test_4_upload_reaches_the_double(bed: Bed) -> None:
 
 def test_4b_upload_without_token_is_refused(bed: Bed) -> None:
     placed = bed.make_csv("/tmp")
-    answer = bed.http("post", UPLOAD, {"x-smt-upload-role": "admin"}, file=placed.path)
+    # No credential: the front answers 401 without reading the body (tests/test_front_doors.py
+    # shows it, before 100 Continue). Sent here without one: a client still writing a body the
+    # server will not read may see the connection end before it reads the answer (seen twice
+    # on bookworm's Caddy 2.6.2 and Python 3.11: "EOF occurred in violation of protocol").
+    answer = bed.http("post", UPLOAD, {"x-smt-upload-role": "admin"})
     assert answer.status == 401, answer
     forged = mint("not-the-secret-0123456789abcdef0123", "admin", "x", int(time.time()) + 60, 99)
     answer = bed.http("post", UPLOAD, {"x-smt-upload-ticket": forged}, file=placed.path)

@@ -180,7 +180,11 @@ function fileRow(row) {
   const dates = s.first_day ? `${s.first_day} – ${s.last_day}` : "–";
   const landing = row.landing || null;
   const intervals = landing ? landedText(landing) : s.intervals_expected ? `${s.intervals_present} / ${s.intervals_expected}` : "–";
-  const reason = row.reason || (landing && NOT_LANDED.includes(landing.verdict) ? landing.detail : "");
+  let reason = row.reason || (landing && NOT_LANDED.includes(landing.verdict) ? landing.detail : "");
+  if (row.state === "failed-will-retry") {
+    const tries = row.attempts ? `${row.attempts} attempts; ` : "";
+    reason += ` (${tries}next try ${row.next_try ? when(row.next_try) : "with the next pass"})`;
+  }
   const cells = [
     text("td", when(row.arrived), "when"),
     pathCell(row.path),
