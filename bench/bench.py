@@ -1631,13 +1631,13 @@ def bench_wan(r: Runner, res: ItemResult) -> None:
     30 KB files, ours vs ``sftp`` vs ``rclone copy`` at one-way delays of 0, 20 and 50 ms.
     Each run is a whole session (connect, host key, auth, list, download), as a pass is."""
     peer = r.sftp_peer()
-    big_mb = 10 if r.quick else 50
+    big_mb = 5 if r.quick else 50
     runs = 1 if r.quick else 2
     cases: list[tuple[str, int, dict[str, bytes]]] = []
     big = DATA.tiled(big_mb * MB)
     year = DATA.post_file()
     for delay in (0, 20, 50):
-        files = 20 if r.quick else (100 if delay == 50 else 300)
+        files = 10 if r.quick else (100 if delay == 50 else 300)
         small = {
             f"IntervalMeterUsage_{ESIID}_{i:05d}.csv": DATA.slice(i * 97, 30_000)
             for i in range(files)

@@ -32,8 +32,8 @@ def put(root: Path, name: str, data: bytes) -> Path:
 
 
 def test_large_file_arrives_byte_identical(sftp_peer: SftpPeer, inbox: Path) -> None:
-    # Not a multiple of the request size, more than PIPE_DEPTH requests.
-    data = os.urandom(sftp_mirror.PIPE_REQUEST * sftp_mirror.PIPE_DEPTH * 2 + 12345)
+    # Not a multiple of the request size, more than the requests in flight on loopback.
+    data = os.urandom(sftp_mirror.PIPE_REQUEST * sftp_mirror.PIPE_DEPTH_FLOOR * 2 + 12345)
     put(sftp_peer.root, "big.csv", data)
     result = mirror(settings_for(sftp_peer, inbox))
     assert result.error is None and [f.status for f in result.files] == ["downloaded"]
@@ -279,3 +279,49 @@ def test_the_fstat_sent_with_the_last_reads_sees_a_file_that_grew(
     finally:
         transport.close()
     assert (tmp_path / "same").read_bytes() == path.read_bytes()[:listed]
+
+
+def test_a_long_round_trip_keeps_the_whole_depth_in_flight(
+    sftp_peer: SftpPeer, tmp_path: Path
+) -> None:
+    """On a fast link (the OPEN came back within LONG_LINK) 4 MiB of READs are in flight: more
+    would pile answers up in paramiko's buffer. After a long OPEN the whole depth (the
+    bandwidth-delay product, SMT_SFTP_INFLIGHT_MB) goes out before the first answer is read."""
+    size = sftp_mirror.PIPE_REQUEST * 100
+    path = put(sftp_peer.root, "deep.csv", os.urandom(size))
+    settings = settings_for(sftp_peer, tmp_path)
+    transport = connect(settings, load_private_key(settings.key))
+    try:
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        sent_before_first_answer = []
+        request, wait = sftp._async_request, sftp._read_response  # type: ignore[attr-defined]
+        counter = {"sent": 0}
+
+        def counting_request(fileobj, t, *args):  # type: ignore[no-untyped-def]
+            counter["sent"] += 1
+            return request(fileobj, t, *args)
+
+        def first_wait(num=None):  # type: ignore[no-untyped-def]
+            sent_before_first_answer.append(counter["sent"])
+            return wait(num)
+
+        sftp._async_request = counting_request  # type: ignore[attr-defined,method-assign]
+        sftp._read_response = first_wait  # type: ignore[attr-defined,method-assign]
+        for round_trip in (0.0, 0.05):
+            fd = os.open(tmp_path / f"out-{round_trip}", os.O_WRONLY | os.O_CREAT, 0o600)
+            with sftp.open(str(path), "rb") as remote:
+                sent_before_first_answer.clear()
+                counter["sent"] = 0
+                try:
+                    got = sftp_mirror._read_pipelined(
+                        sftp, remote, size, fd, depth=128, round_trip=round_trip
+                    )
+                finally:
+                    os.close(fd)
+            assert got is not None and got[0] == size
+            expected = sftp_mirror.PIPE_DEPTH_FLOOR if round_trip == 0.0 else 100 + 1  # + FSTAT
+            assert sent_before_first_answer[0] == expected, (round_trip, sent_before_first_answer)
+            assert (tmp_path / f"out-{round_trip}").read_bytes() == path.read_bytes()
+    finally:
+        transport.close()

@@ -1,4 +1,4 @@
-"""Checks shared by the role scenarios' testinfra tests (smt_ingest, smt_webhook, smt_upload).
+"""Checks shared by the role scenarios' testinfra tests (smt_ingest, smt_servers).
 
 Each scenario's ``tests/conftest.py`` puts this directory on ``sys.path`` and re-exports the
 report hook; the test modules import the helpers.

@@ -92,7 +92,9 @@ def coverage(
     }
 
 
-CELL, GAP, HEIGHT, LABEL = 10, 1, 28, 20
+# A year is 3,650 units wide: the page shows it at least 1,000 px wide (scrolling inside its
+# own box on a phone), where a 36-unit month label is about 10 px high.
+CELL, GAP, HEIGHT, LABEL, FONT = 10, 1, 28, 40, 36
 
 
 def svg(cov: Coverage) -> str:
@@ -118,7 +120,7 @@ def svg(cov: Coverage) -> str:
         )
         if day.day == 1:
             parts.append(
-                f'<text x="{i * CELL}" y="{HEIGHT + LABEL - 3}" font-size="16" '
+                f'<text x="{i * CELL}" y="{HEIGHT + LABEL - 6}" font-size="{FONT}" '
                 f'font-family="sans-serif">{day.strftime("%b")}</text>'
             )
     parts.append("</svg>")

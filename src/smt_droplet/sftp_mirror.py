@@ -74,6 +74,8 @@ REQUEST_SIZE = 32768  # what paramiko's readv asks for per READ request (the fal
 READ_WINDOW = 8 * 1024 * 1024  # bytes requested ahead by the readv fallback
 PIPE_REQUEST = 128 * 1024  # our READ requests for large files (OpenSSH serves up to 255 KiB)
 PIPE_DEPTH = 128  # READ requests in flight per file by default (16 MiB: SMT_SFTP_INFLIGHT_MB)
+PIPE_DEPTH_FLOOR = 32  # READ requests in flight (4 MiB) on a fast link (loopback, LAN)
+LONG_LINK = 0.01  # seconds: an OPEN answered slower than this means a link worth filling
 SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 SMALL_BATCH = 64  # small files handed to one channel at a time
 LIST_AHEAD = 8  # READDIR requests in flight (OpenSSH answers ~100 entries to each)
@@ -461,11 +463,19 @@ def _read_pipelined(
     size: int,
     fd: int,
     depth: int = PIPE_DEPTH,
+    round_trip: float = 1.0,
 ) -> tuple[int, tuple[int, int] | None] | None:
     """Read ``size`` bytes with ``depth`` READ requests of ``PIPE_REQUEST`` bytes in flight
     and ``os.pwrite`` each answer at its offset; returns the bytes received (fewer than ``size``
     if the file shrank) and the file's (size, mtime) once read, or ``None`` if this paramiko
     lacks the request API (2.x to 5.x have it).
+
+    ``depth`` requests (the bandwidth-delay product) are kept in flight when ``round_trip``
+    (the file's OPEN took that long) is over ``LONG_LINK``: a real round trip, not loopback
+    or a LAN, where ``PIPE_DEPTH_FLOOR`` (4 MiB) are. On a fast link the reader is
+    the bottleneck and more in flight only piles answers up in paramiko's receive buffer,
+    whose every read moves what is left in it: a fixed 16 MiB made a 200 MB loopback
+    download 3x slower.
 
     The FSTAT that checks the file did not change while it was read goes out right after the
     last READ, not after its answer: the server answers in order, so it still sees the file as
@@ -490,9 +500,10 @@ def _read_pipelined(
     chunk = PIPE_REQUEST
     offset = received = 0
     fstat: int | None = None  # the FSTAT's request number, once every READ is out
+    limit = depth if round_trip > LONG_LINK else min(depth, PIPE_DEPTH_FLOOR)
     try:
         while offset < size or inflight:
-            while offset < size and len(inflight) < depth:
+            while offset < size and len(inflight) < limit:
                 length = min(chunk, size - offset)
                 num = request(replies, CMD_READ, handle, int64(offset), int(length))
                 inflight.append((num, offset, length))
@@ -584,7 +595,9 @@ def _fetch_into(
 ) -> tuple[int, int, int]:
     """Read ``item`` into ``tmp`` (fsynced); returns (bytes read, size and mtime after)."""
     after_size, after_mtime = item.size, item.mtime
+    began = time.monotonic()
     remote = sftp.open(item.remote, "rb")
+    round_trip = time.monotonic() - began
     try:
         with open(tmp, "wb") as out:
             small = _read_small(remote, item.size) if item.size < SMALL_FILE else None
@@ -592,7 +605,7 @@ def _fetch_into(
                 out.write(small)
                 received = len(small)
             else:
-                piped = _read_pipelined(sftp, remote, item.size, out.fileno(), depth)
+                piped = _read_pipelined(sftp, remote, item.size, out.fileno(), depth, round_trip)
                 received, seen = piped or (_read_windowed(remote, item.size, out), None)
                 if seen is None:
                     after = remote.stat()

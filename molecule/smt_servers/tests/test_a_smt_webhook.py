@@ -1,4 +1,5 @@
-"""What an operator checks by hand after `smt_webhook` converged, plus one real trigger."""
+"""What an operator checks by hand after `smt_webhook` converged, plus one real trigger (runs
+before test_b_smt_upload.py: the health check looks at the box before any pass)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def test_security_exposure(host, unit):
     assert score <= MAX_EXPOSURE
 
 
-def test_ufw_opens_only_ssh_and_webhook(host):
-    assert ufw_allowed(host) == {"22/tcp", "8787/tcp"}
+def test_ufw_opens_only_ssh_and_the_servers(host):
+    assert ufw_allowed(host) == {"22/tcp", "8787/tcp", "8080/tcp"}  # webhook, upload server
 
 
 HEALTH = """
