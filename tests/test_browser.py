@@ -22,6 +22,7 @@ import pytest
 from frontstack import CADDY, TICKET_SECRET, TOKEN, FrontStack, start_front
 from helpers import REPO, sha256
 
+from smt_droplet import coverage_chart
 from smt_droplet.tickets import mint
 from testbed.browser import CHROMIUM, drop_file, launch, trusting_home, wait_js
 from testbed.smt_csv import default_filename, generate_interval_csv
@@ -266,18 +267,11 @@ def test_operator_signs_in_uploads_and_sees_the_file_posted(
             .map((e) => e.tagName + "#" + e.id + "." + e.className)"""
     )
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, wide
-    # The year's chart keeps its month labels readable: it scrolls in its own box rather than
-    # squeezing 365 days into 360 px (where they were under 2 px high).
-    label_px = page.evaluate(
-        """async () => {
-            const img = document.querySelector("#coverage figure img");
-            const svg = new DOMParser().parseFromString(
-                await (await fetch(img.src)).text(), "image/svg+xml");
-            const width = Number(svg.documentElement.getAttribute("viewBox").split(" ")[2]);
-            const size = Number(svg.querySelector("text").getAttribute("font-size"));
-            return img.getBoundingClientRect().width * size / width;
-        }"""
-    )
+    # The chart keeps its month labels readable: it scrolls in its own box rather than
+    # squeezing 90 days into 360 px (where they were under 6 px high).
+    box = page.locator("#coverage figure img").first.bounding_box()
+    assert box is not None
+    label_px = box["width"] * coverage_chart.FONT / (coverage_chart.DAYS * coverage_chart.CELL)
     assert label_px >= 9, f"month labels {label_px:.1f} px high at 360 px"
     shot(page, "05-narrow.png", full_page=True)
 

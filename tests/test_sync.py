@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from smt_droplet import sftp_mirror
 from smt_droplet.config import ConfigError, SftpSettings
 from smt_droplet.sftp_mirror import HostKeyError, load_private_key, mirror
 from testbed.sftp_peer import SftpPeer
@@ -185,27 +186,25 @@ def test_many_small_files_in_parallel(sftp_peer: SftpPeer, inbox: Path) -> None:
     assert (inbox / "d1" / "f001.csv").read_bytes() == b"row 1\n" * 500
 
 
-def test_small_file_growing_after_listing_is_not_kept(sftp_peer: SftpPeer, inbox: Path) -> None:
-    """Small files take the one-request path; growth must still be noticed."""
+def test_small_file_growing_after_listing_is_not_kept(
+    sftp_peer: SftpPeer, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files take the one-request path; growth between the listing and the read must
+    still be noticed. The file grows right after the listing is planned (deterministic: the
+    download follows the listing on the same channel within a millisecond)."""
     growing = put(sftp_peer.root, "small.csv", b"ESIID,USAGE_KWH\n", time.time() - 600)
-    stop = threading.Event()
+    plan = sftp_mirror._plan
 
-    def writer() -> None:
+    def plan_then_grow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        todo = plan(*args, **kwargs)
         with open(growing, "ab") as fh:
-            while not stop.is_set() and fh.tell() < 30_000:
-                fh.write(b"'10443720000000011,1.0\n")
-                fh.flush()
-                time.sleep(0.002)
+            fh.write(b"'10443720000000011,1.0\n")
+        return todo
 
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        result = mirror(settings_for(sftp_peer, inbox))
-    finally:
-        stop.set()
-        thread.join()
+    monkeypatch.setattr(sftp_mirror, "_plan", plan_then_grow)
+    result = mirror(settings_for(sftp_peer, inbox))
     assert [f.status for f in result.files] == ["skipped-growing"]
-    assert result.files[0].size < 30_000  # it was listed small, i.e. took the small path
+    assert result.files[0].size < sftp_mirror.SMALL_FILE  # listed small: the small path
     assert list(inbox.iterdir()) == []
 
 

@@ -92,9 +92,9 @@ def coverage(
     }
 
 
-# A year is 3,650 units wide: the page shows it at least 1,000 px wide (scrolling inside its
-# own box on a phone), where a 36-unit month label is about 10 px high.
-CELL, GAP, HEIGHT, LABEL, FONT = 10, 1, 28, 40, 36
+# 90 days are 900 units wide: the page shows the chart at least 560 px wide (scrolling inside
+# its own box on a phone), where a 16-unit month label is about 10 px high.
+CELL, GAP, HEIGHT, LABEL, FONT = 10, 1, 28, 20, 16
 
 
 def svg(cov: Coverage) -> str:
@@ -120,7 +120,7 @@ def svg(cov: Coverage) -> str:
         )
         if day.day == 1:
             parts.append(
-                f'<text x="{i * CELL}" y="{HEIGHT + LABEL - 6}" font-size="{FONT}" '
+                f'<text x="{i * CELL}" y="{HEIGHT + LABEL - 3}" font-size="{FONT}" '
                 f'font-family="sans-serif">{day.strftime("%b")}</text>'
             )
     parts.append("</svg>")

@@ -75,7 +75,9 @@ READ_WINDOW = 8 * 1024 * 1024  # bytes requested ahead by the readv fallback
 PIPE_REQUEST = 128 * 1024  # our READ requests for large files (OpenSSH serves up to 255 KiB)
 PIPE_DEPTH = 128  # READ requests in flight per file by default (16 MiB: SMT_SFTP_INFLIGHT_MB)
 PIPE_DEPTH_FLOOR = 32  # READ requests in flight (4 MiB) on a fast link (loopback, LAN)
-LONG_LINK = 0.01  # seconds: an OPEN answered slower than this means a link worth filling
+# An OPEN answered slower than this (seconds) means a link worth filling: below it the floor's
+# 4 MiB per round trip already carry 200 MB/s, more than a droplet's link.
+LONG_LINK = 0.02
 SMALL_FILE = 32768  # one SFTP READ request (paramiko asks for at most 32 KiB)
 SMALL_BATCH = 64  # small files handed to one channel at a time
 LIST_AHEAD = 8  # READDIR requests in flight (OpenSSH answers ~100 entries to each)

@@ -104,7 +104,6 @@ def test_security_exposure(host, unit):
     assert score <= MAX_EXPOSURE
 
 
-
 def test_upload_lands_in_inbox_and_queues_a_pass(host):
     before_files = csv_files(host)
     status, body = post(host)
