@@ -3,6 +3,7 @@ the units' identifier and name the person; a mistyped name is said as such."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,12 @@ def test_post_forget_and_ignore_go_to_the_journal_naming_the_person(
         line.startswith("<") and "smt-ingest: INFO posted orphan.csv" in line for line in lines
     )
     assert any("post orphan.csv by alice" in line for line in lines), lines
+    # and in the pass record /health, status and upload-csv.yml read
+    record = spool.read_last_result(Path(env["SMT_SPOOL_DIR"]))
+    assert record is not None and record["trigger"] == "post"
+    assert [(d["action"], d["path"], d["by"]) for d in record["decisions"]] == [
+        ("post", "orphan.csv", "alice")
+    ]
     forgot = cli(["forget", "orphan.csv"], env)
     assert forgot.returncode == 0, forgot.stderr
     said = "".join(received(sock))
@@ -105,3 +112,33 @@ def test_control_characters_in_a_name_are_escaped_in_the_journal_and_status(
     assert cli(["forget", name], env).returncode == 0
     said = "".join(received(sock))
     assert "\x1b" not in said and "forgot red\\x1b[31m\\x0dforged.csv" in said
+
+
+def test_page_decisions_are_in_the_record_of_the_pass_that_carried_them_out(
+    env, inbox: Path, smt_csv
+) -> None:
+    """The page's decisions wait in the spool; the pass that applies them lists them, with
+    the person the page's sign-in named."""
+    orphan = inbox / "orphan.csv"
+    orphan.write_bytes(smt_csv(esiid=ESIID).replace(f"'{ESIID}".encode(), b"''"))
+    assert cli(["ingest", "--no-sync"], env).returncode == 0  # no-esiid: waits for a person
+    record = spool.read_last_result(Path(env["SMT_SPOOL_DIR"]))
+    assert record is not None and record["decisions"] == []
+    digest = hashlib.sha256(orphan.read_bytes()).hexdigest()
+    spool.enqueue(
+        Path(env["SMT_SPOOL_DIR"]),
+        "page",
+        reason="a test export",
+        extra={"action": "ignore", "sha256": digest, "by": "page (bob@example.test)"},
+    )
+    assert cli(["ingest", "--no-sync"], env).returncode == 0
+    record = spool.read_last_result(Path(env["SMT_SPOOL_DIR"]))
+    assert record is not None
+    assert record["decisions"] == [
+        {
+            "action": "ignore",
+            "path": "orphan.csv",
+            "sha256": digest,
+            "by": "page (bob@example.test)",
+        }
+    ]

@@ -69,12 +69,13 @@ def ignore(ledger: Ledger, digest: str, rel: str, reason: str, by: str) -> None:
     )
 
 
-def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
-    """Apply the page's queued decisions in the order they were made; returns how many did.
+def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> list[dict[str, str]]:
+    """Apply the page's queued decisions in the order they were made; returns those that did
+    (action, path, sha256, who made it), for the pass record.
 
     A request that cannot apply (an unknown action, a bad digest, ignoring a posted file) is
     logged as a warning and dropped: the page shows the file's state as it is."""
-    applied = 0
+    applied: list[dict[str, str]] = []
     for request in sorted(requests, key=lambda r: r.received_at):  # ids sort by the second only
         action = request.extra.get("action") if request.kind == "page" else None
         if action not in PAGE_ACTIONS:
@@ -105,5 +106,5 @@ def apply_requests(ledger: Ledger, requests: Iterable[spool.Request]) -> int:
         except LedgerError as exc:
             log.error("page request %s (%s): %s", request.id, action, exc)
             continue
-        applied += 1
+        applied.append({"action": str(action), "path": rel, "sha256": digest, "by": by})
     return applied

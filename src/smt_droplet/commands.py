@@ -258,6 +258,9 @@ def run_post_command(env: Mapping[str, str], args: argparse.Namespace) -> ExitCo
         log.error("post: %s; try again when it has finished", exc)
         return ExitCode.RETRY
     log.info("post %s by %s", target.rel, _operator())
+    result.decisions.append(
+        {"action": "post", "path": target.rel, "sha256": target.digest, "by": _operator()}
+    )
     finish_pass(RecordSettings.from_env(env), result, trigger="post")
     for r in result.files:
         if r.outcome == Outcome.SKIPPED_POSTED:

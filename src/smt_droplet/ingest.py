@@ -60,7 +60,7 @@ def run_pass(env: Mapping[str, str], *, sync: bool = True, use_spool: bool = Tru
         result.requests = len(requests)
         try:
             plan = plan_from_requests(requests)
-            _apply_page_actions(settings, requests)
+            result.decisions += _apply_page_actions(settings, requests)
             if sftp_settings is not None:
                 started = time.monotonic()
                 _sync(sftp_settings, pkey, result)
@@ -185,16 +185,22 @@ def _claim(queue_dir: Path) -> list[spool.Request]:
     return requests
 
 
-def _apply_page_actions(settings: PostSettings, requests: list[spool.Request]) -> None:
-    """The operator page's forget/ignore decisions (see :mod:`smt_droplet.actions`)."""
+def _apply_page_actions(
+    settings: PostSettings, requests: list[spool.Request]
+) -> list[dict[str, str]]:
+    """The operator page's forget/ignore decisions (see :mod:`smt_droplet.actions`); returns
+    those carried out (for the pass record)."""
     if not any(r.kind == "page" for r in requests):
-        return
+        return []
     ledger = Ledger.load(settings.state_file)
-    if actions.apply_requests(ledger, requests):
+    applied = actions.apply_requests(ledger, requests)
+    if applied:
         try:
             ledger.save()
         except LedgerError as exc:
             log.error("ledger: the page's decisions are not saved: %s", exc)
+            return []
+    return applied
 
 
 def _sync(sftp_settings: SftpSettings, pkey: Any, result: PassResult) -> None:

@@ -150,6 +150,8 @@ class PassResult:
     retired: int = 0  # files retention took out of the inbox
     remote_completed: int = 0  # files deleted or moved on SFTP after their post
     remote_completion_failed: int = 0
+    # a person's decisions this pass carried out: {"action", "path", "sha256", "by"}
+    decisions: list[dict[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {str(k): v for k, v in Counter(f.outcome for f in self.files).items()}
@@ -228,4 +230,5 @@ class PassResult:
             "skipped_no_space": (
                 self.sync.count("skipped-no-space") if self.sync is not None else 0
             ),
+            "decisions": list(self.decisions),
         }
