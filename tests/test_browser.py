@@ -297,9 +297,14 @@ def test_operator_settles_files_that_need_a_person(front: FrontStack, browser: B
         page.click("#filter button[type=submit]")
         page.wait_for_timeout(500)
     assert orphan_row.get_attribute("data-state") == "no-esiid"
-    # Files wait for a person: the health box says so, in amber, not a green "Healthy".
-    page.click("#filter button[type=submit]")
-    page.wait_for_selector("#health-verdict.warn:has-text('2 file(s) wait for a person')")
+    # Files wait for a person: the health box says so, in amber, not a green "Healthy" (the
+    # pass writes its record after the ledger: refresh until it has finished).
+    verdict = page.locator("#health-verdict.warn:has-text('2 file(s) wait for a person')")
+    deadline = time.monotonic() + 30
+    while verdict.count() == 0 and time.monotonic() < deadline:
+        page.click("#filter button[type=submit]")
+        page.wait_for_timeout(500)
+    assert verdict.count() == 1, page.text_content("#health-verdict")
     # The long reason (it spells out commands) is folded, the buttons stay on screen, the
     # name breaks at its separators; at 1280 px and at 360 px (rows as cards).
     for width in (1280, 360):

@@ -427,7 +427,8 @@ async function follow(sha256, filename, item, note) {
 document.addEventListener("DOMContentLoaded", async () => {
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => signOut());
-  $("filter").addEventListener("submit", loadFiles);
+  // Refreshing the files refreshes the health box too (the pass that changed them wrote it).
+  $("filter").addEventListener("submit", (event) => { loadFiles(event); loadOverview(); });
   $("confirm-form").addEventListener("submit", confirmed);  // Confirm, or Enter in the field
   $("confirm-cancel").addEventListener("click", () => $("confirm").close());  // or Escape
   const zone = $("drop-zone");
