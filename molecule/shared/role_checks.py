@@ -108,6 +108,14 @@ def assert_unit_verifies(host, unit: str) -> None:
     assert unit not in out.stderr, out.stderr
 
 
+def run_http_script(host, script: str, *args: str) -> tuple[int, str]:
+    """Run a python3 script inside the container that prints ``<status> <body>``."""
+    out = host.run("python3 -c %s" + " %s" * len(args), script, *args)
+    assert out.rc == 0, out.stderr
+    status, _, body = out.stdout.strip().partition(" ")
+    return int(status), body
+
+
 def ufw_allowed(host) -> set[str]:
     """The ports UFW allows in (``22/tcp``, ...); UFW must be active."""
     out = host.run("ufw status verbose").stdout

@@ -12,6 +12,7 @@ from role_checks import (
     exposure,
     ingest_invocation,
     mount_options,
+    run_http_script,
     ufw_allowed,
     wait_for_pass_after,
 )
@@ -39,13 +40,7 @@ except urllib.error.HTTPError as exc:
 
 
 def post(host, *args: str) -> tuple[int, str]:
-    if args:
-        out = host.run("python3 -c %s %s", POST, " ".join(args))
-    else:
-        out = host.run("python3 -c %s", POST)
-    assert out.rc == 0, out.stderr
-    status, _, body = out.stdout.strip().partition(" ")
-    return int(status), body
+    return run_http_script(host, POST, *args)
 
 
 def test_server_user_is_unprivileged(host):
@@ -100,10 +95,8 @@ except urllib.error.HTTPError as exc:
 
 
 def health(host) -> tuple[int, dict]:
-    out = host.run("python3 -c %s", HEALTH)
-    assert out.rc == 0, out.stderr
-    status, _, body = out.stdout.strip().partition(" ")
-    return int(status), json.loads(body)
+    status, body = run_http_script(host, HEALTH)
+    return status, json.loads(body)
 
 
 def test_health_before_any_pass(host):

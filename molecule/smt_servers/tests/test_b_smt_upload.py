@@ -12,6 +12,7 @@ from role_checks import (
     exposure,
     ingest_invocation,
     mount_options,
+    run_http_script,
     wait_for_pass_after,
 )
 
@@ -46,13 +47,7 @@ except urllib.error.HTTPError as exc:
 
 
 def post(host, *args: str) -> tuple[int, str]:
-    if args:
-        out = host.run("python3 -c %s %s", POST, " ".join(args))
-    else:
-        out = host.run("python3 -c %s", POST)
-    assert out.rc == 0, out.stderr
-    status, _, body = out.stdout.strip().partition(" ")
-    return int(status), body
+    return run_http_script(host, POST, *args)
 
 
 def csv_files(host) -> list[str]:
