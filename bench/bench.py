@@ -543,7 +543,7 @@ def bench_idle(r: Runner, res: ItemResult) -> None:
     first_sync = time.monotonic() - began
     if first.returncode != 0 or dir_stats(local) != (count, total):
         raise BenchError(f"idle: first sync failed: {first.stderr.decode()[-800:]}")
-    # "already posted": the legacy ledger format, one sha256 per line (DESIGN.md)
+    # "already posted": the legacy ledger format, one sha256 per line (docs/design.md)
     digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in local.glob("*.csv"))
     ledger = "".join(d + "\n" for d in digests)
     (local / ".posted_sha256").write_text(ledger)

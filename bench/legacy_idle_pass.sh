@@ -1,5 +1,6 @@
 #!/bin/sh
-# The old droplet's ingest pass, rebuilt from ../shared/DESIGN.md ("shell + curl"): re-download
+# The old droplet's ingest pass, rebuilt from docs/design.md ("Failures of the system this
+# replaces"): re-download
 # the whole SFTP drop with OpenSSH's `sftp mget -p -r`, then `sha256sum` every file and grep the
 # state file for its digest; only a digest not found there would be posted (curl). The baseline
 # for the idle-pass benchmark, where nothing is new, so nothing reaches the curl step.

@@ -1,5 +1,6 @@
 #!/bin/sh
-# The old droplet's way of posting one file (DESIGN.md, "shell + curl"): plain base64, the JSON
+# The old droplet's way of posting one file (docs/design.md, "Failures of the system this
+# replaces"): plain base64, the JSON
 # body built with jq (reading the content from stdin, not `--arg`, which broke on the 128 KiB
 # argument limit) and sent with curl. The baseline for the "post the 12-month file" benchmark.
 #
