@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from testbed.intelliwatt_double import IntelliWattDouble  # noqa: E402
 from testbed.sftp_peer import SftpPeer  # noqa: E402
-from testbed.smt_csv import HEADER, generate_interval_csv  # noqa: E402
+from testbed.smt_csv import HEADER, generate_interval_csv, shared_fixture  # noqa: E402
 
 BENCH = REPO / "bench"
 VENV_BIN = REPO / ".venv" / "bin"
@@ -67,7 +67,7 @@ CLI = VENV_BIN / "smt-droplet"
 RESULTS = BENCH / "results.json"
 README = BENCH / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-FIXTURE = Path("/work/shared/fixtures/smt/IntervalMeterUsage_10443720000000099_20251101.csv")
+FIXTURE = shared_fixture("smt/IntervalMeterUsage_10443720000000099_20251101.csv")
 ESIID = "10443720000000099"
 MB = 1_000_000
 TOKEN = "b" * 64
@@ -199,7 +199,7 @@ class Data:
 
     def post_file(self) -> bytes:
         """The 12-month file: the shared fixture when present, else a generated one."""
-        if FIXTURE.is_file():
+        if FIXTURE is not None:
             return FIXTURE.read_bytes()
         return self.year
 

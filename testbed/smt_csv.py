@@ -20,10 +20,26 @@ Output is deterministic for (esiid, start, days, seed).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
+
+# The team's shared fixtures (real-layout SMT and app files) sit beside a checkout on our
+# machines (``../shared/fixtures``), or where SMT_SHARED_FIXTURES says. One rule for the tests
+# and the benchmark; everything that uses them also runs on generated data without them.
+SHARED_FIXTURES = Path(
+    os.environ.get("SMT_SHARED_FIXTURES")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+)
+
+
+def shared_fixture(rel: str) -> Path | None:
+    """``SHARED_FIXTURES / rel`` when that file exists, else None."""
+    path = SHARED_FIXTURES / rel
+    return path if path.is_file() else None
+
 
 HEADER = (
     "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,"
@@ -114,6 +130,22 @@ def write_interval_csv(path: str | Path, esiid: str, start: date, days: int, see
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(generate_interval_csv(esiid, start, days, seed))
     return target
+
+
+APP_HEADER = "ESIID,Meter,Start Date/Time,Usage (kWh)"
+
+
+def generate_app_csv(esiid: str, day: date, kwh: float = 0.2) -> bytes:
+    """One day in the app's own layout (ESIID, meter, start, kWh): as many rows as the day has
+    intervals (92 on the spring-forward day, 100 on the fall-back day, 96 otherwise), their
+    starts counted in 15-minute steps from midnight (the app's files run on past the DST jump:
+    the spring day ends at 22:45, the fall day at 00:45 the next day)."""
+    rows = [APP_HEADER]
+    midnight = datetime.combine(day, datetime.min.time())
+    for i in range(sum(not missing for _, missing in _day_intervals(day))):
+        start = (midnight + timedelta(minutes=15 * i)).isoformat()
+        rows.append(f"{esiid},M1,{start},{kwh:.2f}")
+    return ("\n".join(rows) + "\n").encode()
 
 
 def default_filename(esiid: str, start: date, days: int) -> str:

@@ -12,22 +12,21 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
 from testbed.intelliwatt_double import IntelliWattDouble
 from testbed.sftp_peer import SftpPeer, SftpPeerError
-from testbed.smt_csv import default_filename, generate_interval_csv, random_esiid
-
-# The team's shared fixtures sit beside the checkout (``../shared/fixtures``) on our machines;
-# SMT_SHARED_FIXTURES points elsewhere. Tests that use them also work without them.
-FIXTURES = Path(os.environ.get("SMT_SHARED_FIXTURES") or REPO.parent / "shared" / "fixtures")
+from testbed.smt_csv import (
+    default_filename,
+    generate_interval_csv,
+    random_esiid,
+    shared_fixture,
+)
 
 
 def _start_peer(workdir: Path) -> SftpPeer:
@@ -126,8 +125,8 @@ class SmtCsvFactory:
     def fixture(name: str) -> Path | None:
         """A file from the shared fixtures if present (tests must also work without it)."""
         for sub in ("smt", "intelliwatt"):
-            path = FIXTURES / sub / name
-            if path.is_file():
+            path = shared_fixture(f"{sub}/{name}")
+            if path is not None:
                 return path
         return None
 

@@ -1,31 +1,31 @@
 """The data summary of an interval CSV (csvdata.py): DST days, gaps, layouts, not-a-CSV.
 
-Each test generates its own data with ``testbed/smt_csv.py``; the shared fixtures are used too
-when ``../shared/fixtures`` exists (skipped otherwise)."""
+Each test generates its own data with ``testbed/smt_csv.py``; the shared fixtures are checked
+too where they are (``testbed.smt_csv.shared_fixture``; skipped otherwise)."""
 
 from __future__ import annotations
 
 from datetime import date
 
 import pytest
-from helpers import REPO
 
 from smt_droplet.csvdata import brief, intervals_in_day, looks_like_csv, sniff, summarize
 from testbed.smt_csv import (
     dst_fall_back,
     dst_spring_forward,
+    generate_app_csv,
     generate_interval_csv,
     interval_rows,
+    shared_fixture,
 )
 
 ESIID = "10443720000000099"
-FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
 def _fixture(rel: str) -> bytes:
-    path = FIXTURES / rel
-    if not path.is_file():
-        pytest.skip(f"{path} not present on this machine")
+    path = shared_fixture(rel)
+    if path is None:
+        pytest.skip(f"shared fixture {rel} not present on this machine")
     return path.read_bytes()
 
 
@@ -88,6 +88,15 @@ def test_shared_fixture_year_and_dst_days() -> None:
     assert (s.first_day, s.last_day) == ("2024-11-01", "2025-10-31")
     assert s.intervals_present == s.intervals_expected == 35_040 and s.missing == 0
     assert s.estimated == 115
+
+
+@pytest.mark.parametrize(
+    ("day", "expected"), [(dst_spring_forward(2025), 92), (dst_fall_back(2025), 100)]
+)
+def test_app_layout_dst_days(day: date, expected: int) -> None:
+    s = summarize(generate_app_csv("10443720000000001", day))
+    assert s.layout == "intelliwatt" and s.days == 1
+    assert s.intervals_present == s.intervals_expected == expected and s.missing == 0
 
 
 @pytest.mark.parametrize(("name", "expected"), [("dst_spring.csv", 92), ("dst_fall.csv", 100)])

@@ -37,6 +37,7 @@ from testbed.smt_csv import (
     dst_spring_forward,
     generate_interval_csv,
     random_esiid,
+    shared_fixture,
 )
 
 ESIID = "10443720000000099"
@@ -746,8 +747,8 @@ def test_generator_is_deterministic_per_seed():
 
 
 def test_generator_matches_shared_fixture_layout_when_present():
-    fixture = Path("/work/shared/fixtures/smt/IntervalMeterUsage_10443720000000099_20251101.csv")
-    if not fixture.exists():
+    fixture = shared_fixture("smt/IntervalMeterUsage_10443720000000099_20251101.csv")
+    if fixture is None:
         pytest.skip("shared fixture not present (the layout test above covers the contract)")
     real = fixture.read_bytes()
     ours = generate_interval_csv(ESIID, date(2024, 11, 1), 365)
