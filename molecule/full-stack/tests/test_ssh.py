@@ -118,8 +118,10 @@ def run(
     if argv[0] == "ansible-vault":
         argv.insert(2, f"--vault-password-file={password_file}")
     argv = [a.replace("/path/file.csv", str(csv)) for a in argv]
-    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
-    env.pop("ANSIBLE_INVENTORY", None)  # ansible.cfg's inventory/hosts.yml, as on a controller
+    # An operator's shell: none of Molecule's settings (its ANSIBLE_CONFIG would replace the
+    # checkout's ansible.cfg and with it inventory/hosts.yml).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
+    env.update(ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
     return subprocess.run(
         argv, cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False
     )
