@@ -367,11 +367,7 @@ def _listdir(sftp: paramiko.SFTPClient, path: str) -> Iterator[paramiko.SFTPAttr
         while True:
             nums = [request(replies, CMD_READDIR, handle) for _ in range(LIST_AHEAD)]
             for num in nums:
-                answer = replies.got.pop(num, None)
-                t, msg = answer if answer is not None else wait(num)
-                if t != CMD_NAME:
-                    sftp._convert_status(msg)  # type: ignore[attr-defined]  # EOF ends it
-                    raise paramiko.SFTPError(f"unexpected answer {t} to READDIR")
+                msg = _reply(sftp, replies, wait, num, CMD_NAME, "READDIR")  # EOF ends it
                 for _ in range(msg.get_int()):
                     name = msg.get_text()
                     longname = msg.get_text()
@@ -449,6 +445,25 @@ class _Replies:
         self.got[num] = (t, msg)
 
 
+def _reply(
+    sftp: paramiko.SFTPClient,
+    replies: _Replies,
+    wait: Callable[[int], tuple[int, paramiko.Message]],
+    num: int,
+    wanted: int,
+    what: str,
+) -> paramiko.Message:
+    """The answer to request ``num`` (already arrived, or waited for), of type ``wanted``; a
+    status answer raises what paramiko raises for it (EOFError at the end of a file or a
+    directory, OSError & co.)."""
+    answer = replies.got.pop(num, None)
+    t, msg = answer if answer is not None else wait(num)
+    if t != wanted:
+        sftp._convert_status(msg)  # type: ignore[attr-defined]
+        raise paramiko.SFTPError(f"unexpected answer {t} to {what}")
+    return msg
+
+
 def _int64_type() -> type[int]:
     """The int subclass paramiko's request packer writes as a 64-bit integer: ``int64`` in
     ``paramiko.sftp`` (3.x and later), ``long`` in ``paramiko.py3compat`` (2.x, Debian 12)."""
@@ -513,12 +528,7 @@ def _read_pipelined(
             if offset >= size and fstat is None:
                 fstat = request(replies, CMD_FSTAT, handle)
             num, at, length = inflight.popleft()
-            answer = replies.got.pop(num, None)
-            t, msg = answer if answer is not None else wait(num)
-            if t != CMD_DATA:
-                sftp._convert_status(msg)  # type: ignore[attr-defined]
-                raise paramiko.SFTPError(f"unexpected answer {t} to READ")
-            data = msg.get_string()
+            data = _reply(sftp, replies, wait, num, CMD_DATA, "READ").get_string()
             if not data:
                 raise EOFError("empty READ answer")
             os.pwrite(fd, data, at)
@@ -533,11 +543,7 @@ def _read_pipelined(
         return received, None
     if fstat is None or fstat < 0:
         return received, None
-    answer = replies.got.pop(fstat, None)
-    t, msg = answer if answer is not None else wait(fstat)
-    if t != CMD_ATTRS:
-        sftp._convert_status(msg)  # type: ignore[attr-defined]
-        raise paramiko.SFTPError(f"unexpected answer {t} to FSTAT")
+    msg = _reply(sftp, replies, wait, fstat, CMD_ATTRS, "FSTAT")
     attrs = paramiko.SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]
     return received, (int(attrs.st_size or 0), int(attrs.st_mtime or 0))
 
